@@ -1,0 +1,1 @@
+"""Pipeline stages: each module is one stage, runnable as ``python -m stages.<name>``."""

@@ -1,0 +1,1 @@
+"""The small shared core every stage uses: names, config, artifacts, llama.cpp, data."""

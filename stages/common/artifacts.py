@@ -1,0 +1,223 @@
+"""Crash-safe stage outputs and their manifests.
+
+A stage never writes at its final path. It writes into a staging folder beside the run
+(``runs/<run>/.tmp-<stage>-<pid>/``), mirroring the final layout. On commit the old manifest is
+removed first, every file is fsynced and renamed into place, and the new manifest (sha256 and
+size of every output file) is written last, atomically. So at any moment a stage's outputs are
+either described by a complete manifest whose hashes match, or they count as missing. A stage
+that fails or is killed leaves only its staging folder, which the next run of that stage removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from stages.common import names
+from stages.common.errors import StageError
+
+HASH_CHUNK = 8 << 20
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "bitsandbytes",
+    "safetensors",
+    "gguf",
+)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions(packages: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def describe_files(root: Path, rel_to: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file under `root`, keyed by path relative to `rel_to`."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {
+        p.relative_to(rel_to).as_posix(): {names.M_SHA256: sha256_file(p), names.M_SIZE: p.stat().st_size}
+        for p in paths
+    }
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}.{os.getpid()}")
+    with tmp.open("w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
+
+
+def manifest_path(run_dir: Path, stage: str) -> Path:
+    return run_dir / names.MANIFESTS_DIR / f"{stage}.json"
+
+
+def read_manifest(run_dir: Path, stage: str) -> dict[str, Any] | None:
+    path = manifest_path(run_dir, stage)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def verify_manifest(run_dir: Path, stage: str, *, deep: bool = True) -> dict[str, Any]:
+    """The stage's manifest, after checking every listed file. StageError names the first bad file.
+
+    `deep` re-hashes the files; without it only presence and size are checked (cheap, for status).
+    """
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
+        raise StageError(
+            f"{stage} output in {run_dir} has no complete manifest ({manifest_path(run_dir, stage)}); "
+            f"run the {stage} stage first"
+        )
+    for rel, meta in manifest.get(names.M_OUTPUTS, {}).items():
+        path = run_dir / rel
+        if not path.is_file():
+            raise StageError(f"{stage} output {path} listed in its manifest is missing; rerun the {stage} stage")
+        if path.stat().st_size != meta[names.M_SIZE]:
+            raise StageError(f"{stage} output {path} has the wrong size (torn write?); rerun the {stage} stage")
+        if deep and sha256_file(path) != meta[names.M_SHA256]:
+            raise StageError(f"{stage} output {path} does not match its manifest sha256; rerun the {stage} stage")
+    return manifest
+
+
+def remove_leftovers(run_dir: Path, stage: str) -> None:
+    """Delete staging folders a killed run of `stage` left behind."""
+    for leftover in run_dir.glob(f"{names.TMP_PREFIX}{stage}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+class StageOutput:
+    """The staging area of one stage run; see the module docstring for the protocol."""
+
+    def __init__(self, run_dir: Path, stage: str, owned: tuple[str, ...]):
+        self.run_dir = run_dir
+        self.stage = stage
+        self.owned = owned  # top-level entries this stage replaces whole (e.g. "adapter")
+        self.staging = run_dir / f"{names.TMP_PREFIX}{stage}-{os.getpid()}"
+        self.started = time.monotonic()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def path(self, rel: str) -> Path:
+        """Where to write what will end up at run_dir/rel."""
+        target = self.staging / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def commit(
+        self,
+        *,
+        inputs: dict[str, Any],
+        metrics: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        files = sorted(p for p in self.staging.rglob("*") if p.is_file())
+        outputs = {}
+        for p in files:
+            _fsync_path(p)
+            outputs[p.relative_to(self.staging).as_posix()] = {
+                names.M_SHA256: sha256_file(p),
+                names.M_SIZE: p.stat().st_size,
+            }
+        manifest = {
+            names.M_STAGE: self.stage,
+            names.M_STATUS: "complete",
+            names.M_STARTED: self.started_at,
+            names.M_DURATION: round(time.monotonic() - self.started, 3),
+            names.M_INPUTS: inputs,
+            names.M_OUTPUTS: outputs,
+            names.M_METRICS: metrics or {},
+            names.M_VERSIONS: package_versions(),
+            **(extra or {}),
+        }
+        mpath = manifest_path(self.run_dir, self.stage)
+        mpath.unlink(missing_ok=True)
+        _fsync_path(mpath.parent) if mpath.parent.exists() else None
+        for entry in sorted(self.staging.iterdir()):
+            final = self.run_dir / entry.name
+            if entry.name in self.owned or entry.is_file():
+                if final.is_dir() and not final.is_symlink():
+                    shutil.rmtree(final)
+                os.replace(entry, final)
+            else:  # a folder shared with other stages (gguf/): move file by file
+                final.mkdir(parents=True, exist_ok=True)
+                for p in sorted(entry.rglob("*")):
+                    if p.is_file():
+                        dest = final / p.relative_to(entry)
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.replace(p, dest)
+        _fsync_path(self.run_dir)
+        write_json_atomic(mpath, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return manifest
+
+
+@contextmanager
+def stage_output(run_dir: Path, stage: str, owned: tuple[str, ...] = ()) -> Iterator[StageOutput]:
+    """Staging area for `stage`; removed on any failure, so no partial artifact reaches a final path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(run_dir, stage)
+    out = StageOutput(run_dir, stage, owned)
+    out.staging.mkdir()
+    try:
+        yield out
+    finally:
+        shutil.rmtree(out.staging, ignore_errors=True)
+
+
+def check_free_disk(path: Path, needed_bytes: int, what: str) -> None:
+    """Refuse to start when the filesystem holding `path` has less than `needed_bytes` free."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise StageError(
+            f"not enough disk for {what}: {free / 2**30:.1f} GiB free at {probe}, "
+            f"{needed_bytes / 2**30:.1f} GiB needed; free space or point runs/ elsewhere"
+        )
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0

@@ -1,0 +1,237 @@
+"""One YAML file per pipeline, parsed into typed, validated models.
+
+Precedence: ``--set section.key=value`` overrides beat the file, the file beats the defaults
+below. Unknown keys are errors that name the key and the nearest valid one; impossible
+combinations (fp16 compute with 4-bit training, say) are errors that give the reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.common.errors import StageError
+
+DataFormat = Literal["text", "alpaca", "chat"]
+DType = Literal["float16", "bfloat16", "float32"]
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Hub id (org/name) or a local directory holding an HF checkpoint.")
+    revision: str | None = Field(None, description="Hub revision to pin: a commit hash, tag or branch.")
+    prepare: str | None = Field(
+        None, description="Preparer that builds name_or_path before training (e.g. 'smollm2-pypi')."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(description="Local JSONL or Parquet files with the training rows.")
+    eval_files: list[str] = Field(default_factory=list, description="Held-out rows; empty: split off eval_fraction.")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out when eval_files is empty.")
+    format: DataFormat = Field("text", description="Row format: 'text' (one field), 'alpaca' or 'chat' (messages).")
+    text_field: str = Field("text", description="Field holding the full training text when format is 'text'.")
+    max_seq_length: int = Field(1024, gt=0, description="Longer rows are truncated (and counted in the log).")
+    prepare: str | None = Field(None, description="Generator that writes train_files/eval_files (e.g. 'demo-dates').")
+    system_prompt: str | None = Field(None, description="System message prepended to alpaca/chat rows, if any.")
+
+
+class QuantizationConfig(Section):
+    load_in_4bit: bool = Field(True, description="Load the frozen base in 4 bits (QLoRA). False: plain LoRA.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.37 bit/param).")
+    compute_dtype: DType = Field("bfloat16", description="Dtype of the matmuls on dequantized weights.")
+
+
+class LoraConfig(Section):
+    r: int = Field(64, gt=0, description="Rank of the update matrices.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is scaled by alpha/r.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"],
+        description="Module names that get adapters.",
+    )
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) instead of alpha/r.")
+
+
+class TrainingConfig(Section):
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="'cuda' fails fast when no GPU is usable.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training rows.")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1: run all epochs.")
+    batch_size: int = Field(4, gt=0, description="Rows per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(0.3, gt=0, description="Gradient clipping norm.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule (the reference uses 'constant')."
+    )
+    optim: str = Field("paged_adamw_8bit", description="transformers optimizer name.")
+    bf16: bool = Field(True, description="bf16 autocast for activations and gradients.")
+    fp16: bool = Field(False, description="fp16 autocast. Rejected with 4-bit training.")
+    group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory.")
+    packing: bool = Field(False, description="Pack rows into full sequences (changes batching semantics).")
+    logging_steps: int = Field(25, gt=0, description="Log every N optimizer steps.")
+    save_steps: int = Field(25, gt=0, description="Checkpoint every N optimizer steps.")
+    eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")
+    seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
+    gpus: int = Field(1, gt=0, description="GPUs to train on (DDP through accelerate when > 1).")
+
+
+class MergeConfig(Section):
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged weights.")
+    onto: Literal["original", "dequantized"] = Field(
+        "original", description="Merge onto the original 16-bit weights or the NF4-dequantized ones."
+    )
+
+
+class GgufConfig(Section):
+    outtype: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="Converter output type.")
+    quant_types: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="llama-quantize types to make.")
+
+
+class SmokeConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Raw prompts run through llama.cpp after quantizing.")
+    messages: list[str] = Field(
+        default_factory=list, description="User messages rendered with the GGUF's chat template, then run."
+    )
+    quant_type: str | None = Field(None, description="Which GGUF to smoke-test; None: the first quant type.")
+    max_tokens: int = Field(128, gt=0, description="Generation limit; not reaching EOS within it fails.")
+
+
+class EvalConfig(Section):
+    exact_match: bool = Field(False, description="Score held-out exact match of base vs fine-tuned GGUFs.")
+    max_examples: int = Field(100, gt=0, description="Held-out rows to score.")
+    quant_type: str = Field("Q4_K_M", description="GGUF type both models are scored at.")
+    max_tokens: int = Field(32, gt=0, description="Generation limit per answer.")
+
+
+class PipelineConfig(Section):
+    run_name: str = Field(description="Folder under runs/ that holds this run's artifacts.")
+    model: ModelConfig
+    data: DataConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    gguf: GgufConfig = Field(default_factory=GgufConfig)
+    smoke: SmokeConfig = Field(default_factory=SmokeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, v: str) -> str:
+        if not RUN_NAME.match(v):
+            raise ValueError(f"{v!r} is not a plain folder name (letters, digits, '.', '_', '-'; no '/' or '..')")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> PipelineConfig:
+        q, t = self.quantization, self.training
+        if t.fp16 and t.bf16:
+            raise ValueError("training.fp16 and training.bf16 are both true: pick one")
+        if q.load_in_4bit and (t.fp16 or q.compute_dtype == "float16"):
+            raise ValueError(
+                "fp16 with 4-bit training is rejected: fp16's narrow range overflows in QLoRA "
+                "(NaN loss); use quantization.compute_dtype=bfloat16 and training.bf16=true"
+            )
+        if t.gpus > 1 and t.device == "cpu":
+            raise ValueError("training.gpus > 1 needs training.device cuda or auto, not cpu")
+        if self.eval.exact_match and self.eval.quant_type not in self.gguf.quant_types:
+            raise ValueError(f"eval.quant_type {self.eval.quant_type!r} is not among gguf.quant_types")
+        if self.smoke.quant_type and self.smoke.quant_type not in self.gguf.quant_types:
+            raise ValueError(f"smoke.quant_type {self.smoke.quant_type!r} is not among gguf.quant_types")
+        if not self.gguf.quant_types:
+            raise ValueError("gguf.quant_types is empty: name at least one type (e.g. Q4_K_M)")
+        return self
+
+    @property
+    def smoke_quant_type(self) -> str:
+        return self.smoke.quant_type or self.gguf.quant_types[0]
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Valid field names of the (nested) model that holds the key at `loc`."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _fields_at(PipelineConfig, loc), n=1)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+        return f"unknown key {key!r}{hint}"
+    if err["type"] == "missing":
+        return f"missing key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg}" if loc else msg
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise StageError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
+    """``["training.learning_rate=1e-4"]`` -> ``[("training.learning_rate", 0.0001)]`` (YAML-typed)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise StageError(f"--set {item!r} is not KEY=VALUE; write e.g. --set training.learning_rate=1e-4")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return parsed
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read `path`, apply overrides, validate. Raises StageError with one line per problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"config file {str(path)!r} not found; pass an existing YAML file (see configs/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise StageError(f"config {path} is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(tree, dict):
+        raise StageError(f"config {path} holds a {type(tree).__name__}, expected a mapping of sections")
+    for key, value in parse_overrides(overrides):
+        _set_dotted(tree, key, value)
+    return validate_config(tree, source=str(path))
+
+
+def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise StageError(f"{source}: {problems}") from None
+
+
+def dump_config(cfg: PipelineConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,174 @@
+"""The one pinned llama.cpp: converter, gguf-py and binaries from the same source tree.
+
+The source is the llama.cpp tree vendored in the ``llama-cpp-python`` sdist on PyPI, which every
+host here can reach (GitHub is not reachable on all of them). The sdist's sha256 is pinned, so
+the tree is the same everywhere. It is built once with cmake and cached; the gguf image runs the
+same build in its builder stage.
+
+    python -m stages.common.llamacpp build [--prefix DIR]   # fetch, verify, build (cached)
+    python -m stages.common.llamacpp info                   # where it is, which commit
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from stages.common import names
+from stages.common.errors import StageError, fail
+
+SDIST_PACKAGE = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+# From the sdist's CHANGELOG ("update llama.cpp to ggml-org/llama.cpp@0c1e57098"); the tree has no .git.
+COMMIT = "0c1e57098"
+TOOLS = (
+    "llama-quantize",
+    "llama-completion",
+    "llama-cli",
+    "llama-perplexity",
+    "llama-imatrix",
+    "llama-bench",
+    "llama-tokenize",
+    "llama-export-lora",
+)
+CMAKE_FLAGS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_CURL=OFF",
+    "-DGGML_NATIVE=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_SERVER=OFF",
+    "-DBUILD_SHARED_LIBS=ON",
+    f"-DLLAMA_BUILD_COMMIT={COMMIT}",
+    "-DLLAMA_BUILD_NUMBER=0",
+)
+STAMP = ".kiln-built"
+
+
+def home() -> Path:
+    """Install prefix: $KILN_LLAMA_CPP (the gguf image sets it), else the project cache."""
+    env = os.environ.get(names.ENV_LLAMA_CPP)
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get(names.ENV_CACHE, names.CACHE_DIR))
+    return cache / "llama.cpp" / SDIST_VERSION
+
+
+def src_dir(prefix: Path | None = None) -> Path:
+    return (prefix or home()) / "src"
+
+
+def bin_dir(prefix: Path | None = None) -> Path:
+    return (prefix or home()) / "build" / "bin"
+
+
+def _missing_hint() -> str:
+    return f"build it with `invoke llama-cpp` (or `python -m stages.common.llamacpp build`), or set {names.ENV_LLAMA_CPP}"
+
+
+def tool(name: str) -> Path:
+    path = bin_dir() / name
+    if not path.is_file():
+        raise StageError(f"llama.cpp tool {name} not found at {path}; {_missing_hint()}")
+    return path
+
+
+def script(name: str) -> Path:
+    """A converter script of the pinned tree, e.g. convert_hf_to_gguf.py."""
+    path = src_dir() / name
+    if not path.is_file():
+        raise StageError(f"llama.cpp script {name} not found at {path}; {_missing_hint()}")
+    return path
+
+
+def info() -> dict[str, str]:
+    return {"source": f"{SDIST_PACKAGE}=={SDIST_VERSION} (vendor/llama.cpp)", "commit": COMMIT, "home": str(home())}
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for llama.cpp binaries and converters: shared libs found, pinned gguf-py first."""
+    env = dict(os.environ)
+    lib = str(bin_dir())
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [lib, env.get("LD_LIBRARY_PATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src_dir() / "gguf-py"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _fetch_sdist(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
+    cmd += ["-d", str(dest), f"{SDIST_PACKAGE}=={SDIST_VERSION}"]
+    # pip prepares metadata after downloading; without the build backend that step fails, but the
+    # file is already saved. So judge by the file and its hash, not by pip's exit code.
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise StageError(f"could not download {SDIST_PACKAGE}=={SDIST_VERSION} from PyPI; check pip's network/CA")
+    digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+    if digest != SDIST_SHA256:
+        raise StageError(f"{found[0].name} has sha256 {digest}, expected {SDIST_SHA256}; refusing to build it")
+    return found[0]
+
+
+def _extract(sdist: Path, dest: Path) -> None:
+    top = f"llama_cpp_python-{SDIST_VERSION}/"
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            for prefix, target in ((top + "vendor/llama.cpp/", ""), (top + "llama_cpp/", "llama_cpp_py/")):
+                if member.name.startswith(prefix) and member.name != prefix.rstrip("/"):
+                    member.name = target + member.name[len(prefix) :]
+                    tar.extract(member, dest, filter="data")
+
+
+def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None) -> Path:
+    """Fetch (or take `sdist`), verify, extract and build into `prefix`; a no-op when already built."""
+    stamp = prefix / STAMP
+    if stamp.is_file() and stamp.read_text().strip() == f"{SDIST_VERSION} {COMMIT}":
+        return prefix
+    if shutil.which("cmake") is None:
+        raise StageError("cmake not found; install cmake and a C++ compiler (apt-get install cmake g++)")
+    prefix.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=prefix) as tmp:
+        tmp_path = Path(tmp)
+        sdist = sdist or _fetch_sdist(tmp_path)
+        shutil.rmtree(prefix / "src", ignore_errors=True)
+        _extract(sdist, prefix / "src")
+    jobs = jobs or os.cpu_count() or 2
+    build_dir = prefix / "build"
+    subprocess.run(["cmake", "-S", str(prefix / "src"), "-B", str(build_dir), *CMAKE_FLAGS], check=True)
+    subprocess.run(["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", *TOOLS], check=True)
+    stamp.write_text(f"{SDIST_VERSION} {COMMIT}\n")
+    return prefix
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.common.llamacpp", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="fetch, verify and build the pinned llama.cpp (cached)")
+    b.add_argument("--prefix", type=Path, default=None, help="install prefix (default: the project cache)")
+    b.add_argument("--sdist", type=Path, default=None, help="a local llama-cpp-python sdist instead of PyPI")
+    b.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
+    sub.add_parser("info", help="print the pinned version and where it is")
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "build":
+            print(build(args.prefix or home(), args.sdist, args.jobs))
+        else:
+            for k, v in info().items():
+                print(f"{k}: {v}")
+    except StageError as exc:
+        fail(str(exc))
+    except subprocess.CalledProcessError as exc:
+        fail(f"llama.cpp build failed ({' '.join(exc.cmd[:3])} ... exit {exc.returncode}); see the output above")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Every name the stages, tasks and tests share: stage names, artifact folders, manifest keys.
+
+Nothing here computes anything; a string that two files would otherwise both spell lives here.
+"""
+
+from __future__ import annotations
+
+PROJECT = "kiln"
+
+# Stages in pipeline order. `prepare` only runs when the config asks for a preparer.
+PREPARE = "prepare"
+TRAIN = "train"
+MERGE = "merge"
+CONVERT = "convert"
+QUANTIZE = "quantize"
+SMOKE = "smoke"
+EVALUATE = "evaluate"
+STAGES = (PREPARE, TRAIN, MERGE, CONVERT, QUANTIZE, SMOKE, EVALUATE)
+
+# Folders and files inside runs/<run-name>/.
+RUNS_DIR = "runs"
+CACHE_DIR = "cache"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+GGUF_DIR = "gguf"
+EVAL_DIR = "eval"
+LOGS_DIR = "logs"
+MANIFESTS_DIR = "manifests"
+CHECKPOINTS_DIR = "checkpoints"
+RUN_CONFIG = "config.yaml"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+TMP_PREFIX = ".tmp-"
+
+# Where each stage's final output lives, relative to the run directory.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    TRAIN: (ADAPTER_DIR,),
+    MERGE: (MERGED_DIR,),
+    CONVERT: (GGUF_DIR,),
+    QUANTIZE: (GGUF_DIR,),
+    SMOKE: (),
+    EVALUATE: (EVAL_DIR,),
+}
+
+# Manifest keys.
+M_STAGE = "stage"
+M_STATUS = "status"
+M_INPUTS = "inputs"
+M_OUTPUTS = "outputs"
+M_METRICS = "metrics"
+M_VERSIONS = "versions"
+M_DURATION = "duration_s"
+M_STARTED = "started_at"
+M_COMMAND = "command"
+M_SHA256 = "sha256"
+M_SIZE = "size"
+M_LLAMA_CPP = "llama_cpp"
+
+# GGUF.
+DEFAULT_OUTTYPE = "f16"
+DEFAULT_QUANT_TYPES = ("Q4_K_M",)
+
+
+def gguf_name(model_name: str, kind: str) -> str:
+    """File name of a GGUF in the run's gguf/ folder, e.g. ``demo.Q4_K_M.gguf``."""
+    return f"{model_name}.{kind}.gguf"
+
+
+# Environment variables that the stages read.
+ENV_CACHE = "KILN_CACHE"
+ENV_LLAMA_CPP = "KILN_LLAMA_CPP"
