@@ -1,0 +1,267 @@
+"""The build graph: which stages a config runs, their cache keys, and what is up to date.
+
+Like make or Bazel, a stage reruns only when its key changes. The key hashes the config
+sections the stage reads, the manifests of the stages it consumes (their output digests), its
+own code, and what the runtime runs it with (package versions locally, the image ID in Docker).
+Keys are stored beside each manifest's components so `status` can say why a stage is stale.
+
+Nothing here imports an ML library: deciding that nothing needs doing takes well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.common import names
+from stages.common.artifacts import (
+    manifest_path,
+    read_manifest,
+    stage_output,
+    verify_manifest,
+    write_json_atomic,
+)
+from stages.common.config import PipelineConfig, dump_config
+from stages.common.errors import StageError
+from stages.common.runtime import Runtime, stage_log
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+K_KEY = "cache_key"
+K_PARTS = "cache_key_parts"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    sections: tuple[str, ...]  # config sections (or dotted fields) the stage reads
+    upstream: tuple[str, ...]  # stages whose outputs it consumes
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+
+    def module(self) -> Path:
+        return REPO_ROOT / "stages" / f"{self.name}.py"
+
+
+def _prepares(cfg: PipelineConfig) -> bool:
+    return bool(cfg.model.prepare or cfg.data.prepare)
+
+
+GRAPH: tuple[StageSpec, ...] = (
+    StageSpec(names.PREPARE, ("model", "data"), (), _prepares),
+    StageSpec(names.TRAIN, ("run_name", "model", "data", "quantization", "lora", "training"), (names.PREPARE,)),
+    StageSpec(names.MERGE, ("model", "merge"), (names.TRAIN,)),
+    StageSpec(names.CONVERT, ("run_name", "gguf.outtype"), (names.MERGE,)),
+    StageSpec(names.QUANTIZE, ("run_name", "gguf"), (names.CONVERT,)),
+    StageSpec(names.SMOKE, ("smoke", "gguf"), (names.QUANTIZE,)),
+    StageSpec(names.EVALUATE, ("eval", "data", "model"), (names.QUANTIZE, names.PREPARE), lambda c: c.eval.exact_match),
+)
+SPECS = {s.name: s for s in GRAPH}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _section(cfg: PipelineConfig, dotted: str) -> Any:
+    node: Any = cfg.model_dump(mode="json")
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _code_digest(spec: StageSpec) -> str:
+    files = [spec.module(), *sorted((REPO_ROOT / "stages" / "common").glob("*.py"))]
+    return _digest({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()})
+
+
+def upstream_digest(run_dir: Path, stage: str) -> str | None:
+    """What downstream keys see of `stage`: its outputs' hashes (and key, for cache-only outputs)."""
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
+        return None
+    return _digest({"outputs": manifest.get(names.M_OUTPUTS, {}), "key": manifest.get(K_KEY)})
+
+
+def enabled_stages(cfg: PipelineConfig) -> list[StageSpec]:
+    return [s for s in GRAPH if s.enabled(cfg)]
+
+
+def key_parts(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Runtime) -> dict[str, str]:
+    active = {s.name for s in enabled_stages(cfg)}
+    ups = {u: upstream_digest(run_dir, u) for u in spec.upstream if u in active}
+    return {
+        "config": _digest({s: _section(cfg, s) for s in spec.sections}),
+        "upstream": _digest(ups),
+        "code": _code_digest(spec),
+        "runtime": _digest(runtime.identity(spec.name)),
+    }
+
+
+@dataclass
+class StageState:
+    stage: str
+    state: str  # "up to date" | "stale" | "missing" | "failed"
+    why: str = ""
+
+
+def stage_state(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Runtime) -> StageState:
+    manifest = read_manifest(run_dir, spec.name)
+    if manifest is None:
+        log = stage_log(run_dir, spec.name)
+        if log.is_file():
+            return StageState(spec.name, "failed", f"no complete output; see {log}")
+        return StageState(spec.name, "missing")
+    try:
+        verify_manifest(run_dir, spec.name, deep=False)
+    except StageError as exc:
+        return StageState(spec.name, "stale", str(exc))
+    parts = key_parts(spec, cfg, run_dir, runtime)
+    old = manifest.get(K_PARTS, {})
+    changed = [k for k, v in parts.items() if old.get(k) != v]
+    if changed:
+        return StageState(spec.name, "stale", "changed: " + ", ".join(changed))
+    return StageState(spec.name, "up to date")
+
+
+def freeze_config(cfg: PipelineConfig, run_dir: Path) -> Path:
+    """Write the resolved config into the run; stages read this file, whatever the runtime."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / names.RUN_CONFIG
+    tmp = run_dir / f"{names.TMP_PREFIX}{names.RUN_CONFIG}"
+    dump_config(cfg, tmp)
+    if path.is_file() and path.read_text() == tmp.read_text():
+        tmp.unlink()
+    else:
+        tmp.replace(path)
+    return path
+
+
+def record_key(run_dir: Path, stage: str, parts: dict[str, str]) -> None:
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None:
+        raise StageError(f"stage {stage} exited 0 but wrote no manifest at {manifest_path(run_dir, stage)}")
+    manifest[K_PARTS] = parts
+    manifest[K_KEY] = _digest(parts)
+    write_json_atomic(manifest_path(run_dir, stage), manifest)
+
+
+ADAPTER_FILES = ("adapter_config.json",)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors",)
+
+
+def import_adapter(run_dir: Path, adapter: Path) -> dict[str, Any]:
+    """Take an adapter trained elsewhere as this run's train output (for `--from merge`)."""
+    if not adapter.is_dir():
+        raise StageError(f"--adapter {adapter} is not a directory; pass the folder holding adapter_config.json")
+    missing = [f for f in (*ADAPTER_FILES, *ADAPTER_WEIGHTS) if not (adapter / f).is_file()]
+    if missing:
+        found = ", ".join(sorted(p.name for p in adapter.iterdir())[:8]) or "nothing"
+        raise StageError(
+            f"{adapter} is not a PEFT adapter: {', '.join(missing)} missing (found: {found}); "
+            "pass the folder written by save_pretrained() of a PeftModel"
+        )
+    with stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) as out:
+        dest = out.path(names.ADAPTER_DIR)
+        shutil.copytree(adapter, dest, dirs_exist_ok=True)
+        return out.commit(inputs={"imported_from": str(adapter.resolve())}, metrics={"imported": True})
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # "ran" | "up to date" | "failed"
+    seconds: float
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    runtime: Runtime,
+    *,
+    force: set[str] | None = None,
+    start_at: str | None = None,
+    announce: Callable[[str], None] = print,
+) -> list[StageResult]:
+    """Run every enabled stage whose key changed; stop at the first failure."""
+    config_path = freeze_config(cfg, run_dir)
+    force = force or set()
+    stages = enabled_stages(cfg)
+    if start_at:
+        order = [s.name for s in stages]
+        if start_at not in order:
+            raise StageError(f"--from {start_at}: not a stage of this config; expected one of {', '.join(order)}")
+        stages = stages[order.index(start_at) :]
+    results = []
+    for spec in stages:
+        t0 = time.monotonic()
+        state = stage_state(spec, cfg, run_dir, runtime)
+        if state.state == "up to date" and spec.name not in force and "all" not in force:
+            announce(f"= {spec.name}: up to date")
+            results.append(StageResult(spec.name, "up to date", time.monotonic() - t0))
+            continue
+        reason = "forced" if (spec.name in force or "all" in force) else state.state + (f" ({state.why})" if state.why else "")
+        announce(f"▶ {spec.name}: {reason}; running with the {runtime.name} runtime")
+        parts = key_parts(spec, cfg, run_dir, runtime)
+        args = ["--config", config_path.as_posix(), "--run-dir", run_dir.as_posix(), "--cache-key", _digest(parts)]
+        rc = runtime.run_stage(spec.name, args, stage_log(run_dir, spec.name))
+        took = time.monotonic() - t0
+        if rc != 0:
+            results.append(StageResult(spec.name, "failed", took))
+            announce(f"✗ {spec.name} failed (exit {rc}) after {took:.1f} s; log: {stage_log(run_dir, spec.name)}")
+            break
+        record_key(run_dir, spec.name, parts)
+        results.append(StageResult(spec.name, "ran", took))
+    return results
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) -> dict[str, Any]:
+    """Collect every stage's artifacts and metrics into summary.json and summary.md."""
+    rows = []
+    for res in results:
+        manifest = read_manifest(run_dir, res.stage) or {}
+        outputs = manifest.get(names.M_OUTPUTS, {})
+        rows.append(
+            {
+                "stage": res.stage,
+                "status": res.status,
+                "seconds": round(res.seconds, 1),
+                "stage_seconds": manifest.get(names.M_DURATION),
+                "outputs": {k: v[names.M_SIZE] for k, v in outputs.items()},
+                "metrics": manifest.get(names.M_METRICS, {}),
+            }
+        )
+    summary = {"run_name": cfg.run_name, "run_dir": run_dir.as_posix(), "stages": rows}
+    write_json_atomic(run_dir / names.SUMMARY_JSON, summary)
+    lines = [f"# Run `{cfg.run_name}`", "", "| stage | status | seconds | artifacts | metrics |", "|---|---|---|---|---|"]
+    for r in rows:
+        arts = "<br>".join(f"`{k}` ({human_size(v)})" for k, v in r["outputs"].items() if not k.endswith(".json"))
+        mets = "<br>".join(f"{k}: {v}" for k, v in flat_metrics(r["metrics"]).items())
+        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {arts} | {mets} |")
+    (run_dir / names.SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def flat_metrics(metrics: dict[str, Any], limit: int = 6) -> dict[str, Any]:
+    """The scalar metrics of a manifest, rounded, for one table cell."""
+    flat = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            continue
+        flat[k] = round(v, 4) if isinstance(v, float) else v
+        if len(flat) == limit:
+            break
+    return flat
