@@ -80,11 +80,12 @@ def _code_digest(spec: StageSpec) -> str:
 
 
 def upstream_digest(run_dir: Path, stage: str) -> str | None:
-    """What downstream keys see of `stage`: its outputs' hashes (and key, for cache-only outputs)."""
+    """What downstream keys see of `stage`: its outputs' hashes, so identical bytes cut the rebuild
+    short (as in Bazel). A stage whose outputs live outside the run (prepare) is seen by its key."""
     manifest = read_manifest(run_dir, stage)
     if manifest is None:
         return None
-    return _digest({"outputs": manifest.get(names.M_OUTPUTS, {}), "key": manifest.get(K_KEY)})
+    return _digest(manifest.get(names.M_OUTPUTS) or {"key": manifest.get(K_KEY)})
 
 
 def enabled_stages(cfg: PipelineConfig) -> list[StageSpec]:
