@@ -44,6 +44,9 @@ class DataConfig(Section):
     max_seq_length: int = Field(1024, gt=0, description="Longer rows are truncated (and counted in the log).")
     prepare: str | None = Field(None, description="Generator that writes train_files/eval_files (e.g. 'demo-dates').")
     system_prompt: str | None = Field(None, description="System message prepended to alpaca/chat rows, if any.")
+    max_bad_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="Fail when more than this share of rows is malformed or too long."
+    )
 
 
 class QuantizationConfig(Section):

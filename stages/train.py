@@ -1,0 +1,334 @@
+"""Train stage: QLoRA fine-tuning of a causal LM with trl's SFTTrainer, peft and bitsandbytes.
+
+    python -m stages.train --config runs/demo/config.yaml                    # local
+    docker compose run --rm train --config runs/demo/config.yaml             # container, GPU
+    docker compose run --rm train-cpu --config runs/demo/config.yaml         # container, CPU
+    invoke stage train --gpus 2 --config configs/mistral-7b-guanaco.yaml     # DDP via accelerate
+
+Reads the base model (model.*) and the rows (data.*), loads the base in 4-bit NF4 with double
+quantization (quantization.*), adds LoRA adapters (lora.*) and trains them (training.*). The
+same code runs on CUDA and on the CPU: bitsandbytes has a CPU backend for NF4 and 8-bit AdamW.
+Writes runs/<run>/adapter/ (adapter weights, config, tokenizer, loss log) and keeps resumable
+checkpoints (adapter, optimizer, scheduler, RNG states) in runs/<run>/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from stages.common import names
+from stages.common.artifacts import check_free_disk, sha256_file, stage_output
+from stages.common.cli import StageContext, context, stage_parser
+from stages.common.config import PipelineConfig
+from stages.common.data import check_report, drop_too_long, load_rows, split_rows
+from stages.common.errors import StageError, console, run_stage
+from stages.common.model import resolve
+
+GPU_FIX = (
+    "training.device is 'cuda' but no CUDA GPU is visible; give the container a GPU "
+    "(compose: the train service's deploy.resources.reservations.devices; docker run: --gpus all; "
+    "host: install the NVIDIA driver and nvidia-container-toolkit), or set training.device=cpu"
+)
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+CONFIG_STAMP = "config.sha256"
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step, self.value = step, value
+
+
+# --- Setup ---------------------------------------------------------------------------------
+
+
+def pick_device(cfg: PipelineConfig) -> str:
+    """'cuda' or 'cpu'; fails fast when CUDA is asked for and cannot be used."""
+    import torch
+
+    want = cfg.training.device
+    has_cuda = torch.cuda.is_available()
+    if want == "cuda" and not has_cuda:
+        raise StageError(GPU_FIX)
+    device = "cuda" if (want == "cuda" or (want == "auto" and has_cuda)) else "cpu"
+    if device == "cuda" and cfg.quantization.load_in_4bit:
+        check_bnb_cuda()
+    return device
+
+
+def check_bnb_cuda() -> None:
+    """bitsandbytes must have loaded its CUDA library; its CPU fallback would be silently slow."""
+    from bitsandbytes import cextension
+
+    if cextension.BNB_BACKEND != "CUDA" or not getattr(cextension.lib, "compiled_with_cuda", False):
+        raise StageError(
+            f"bitsandbytes loaded its {cextension.BNB_BACKEND} backend, not CUDA "
+            f"(library: {type(cextension.lib).__name__}); install a bitsandbytes build matching torch's CUDA "
+            "(python -m bitsandbytes shows the diagnosis)"
+        )
+
+
+def load_tokenizer(path: Path, cfg: PipelineConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if tok.pad_token is None:
+        # The reference recipe pads with EOS. That is safe here: labels are masked by the attention
+        # mask, not by token id, so the real EOS at the end of each row stays a label.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def prepare_rows(cfg: PipelineConfig, tokenizer) -> tuple[list, list, dict[str, Any]]:
+    train, report = load_rows(cfg.data.train_files, cfg.data)
+    if cfg.data.eval_files:
+        held, eval_report = load_rows(cfg.data.eval_files, cfg.data)
+    else:
+        train, held = split_rows(train, cfg.data.eval_fraction, cfg.training.seed)
+        eval_report = None
+    train = drop_too_long(train, tokenizer, cfg.data.max_seq_length, report)
+    check_report(report, cfg.data.max_bad_fraction, "training data")
+    stats = {"train_rows": len(train), "eval_rows": len(held), "dropped_malformed": report.malformed}
+    stats["dropped_too_long"] = report.too_long
+    if report.dropped:
+        console.print(f"dropped {report.dropped} of {report.total} training rows ({report.malformed} malformed, "
+                      f"{report.too_long} over {cfg.data.max_seq_length} tokens)")
+    if eval_report is not None:
+        held = drop_too_long(held, tokenizer, cfg.data.max_seq_length, eval_report)
+    return train, held, stats
+
+
+def training_digest(cfg: PipelineConfig) -> str:
+    """What a checkpoint must have been trained with to be resumed."""
+    parts = {k: cfg.model_dump(mode="json")[k] for k in ("model", "data", "quantization", "lora", "training")}
+    parts["files"] = {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# --- The trainer (shared with benchmarks/train_throughput.py) -------------------------------
+
+
+def load_model(path: Path, cfg: PipelineConfig, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = cfg.quantization
+    compute = getattr(torch, q.compute_dtype)
+    quant = None
+    if q.load_in_4bit:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_map = {"": f"cuda:{local_rank}"} if device == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=compute,
+        device_map=device_map,
+        use_safetensors=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    return model
+
+
+def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: bool):
+    from trl import SFTConfig
+
+    t = cfg.training
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optim,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        use_cpu=device == "cpu",
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        packing=t.packing,
+        max_length=cfg.data.max_seq_length,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy=("steps" if t.eval_steps else "no") if has_eval else "no",
+        eval_steps=t.eval_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataset_num_proc=None,
+        disable_tqdm=False,
+    )
+
+
+def peft_config(cfg: PipelineConfig):
+    from peft import LoraConfig
+
+    lo = cfg.lora
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        bias=lo.bias,
+        target_modules=list(lo.target_modules),
+        use_rslora=lo.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_trainer(cfg: PipelineConfig, model_path: Path, tokenizer, train_rows, eval_rows, output_dir: Path, device: str):
+    """Model, adapters, data and trainer, exactly as the train stage runs them."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    class CheckedSFTTrainer(SFTTrainer):
+        """Stops at the first non-finite loss, before the optimizer step and any later checkpoint."""
+
+        def training_step(self, *args, **kwargs):
+            loss = super().training_step(*args, **kwargs)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(self.state.global_step + 1, value)
+            return loss
+
+    model = load_model(model_path, cfg, device)
+    return CheckedSFTTrainer(
+        model=model,
+        args=sft_config(cfg, output_dir, device, bool(eval_rows)),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg),
+    )
+
+
+# --- Checkpoints -----------------------------------------------------------------------------
+
+
+def _checkpoint_ok(path: Path) -> str | None:
+    """Why a checkpoint cannot be resumed (torn or partial), or None when it is complete."""
+    from safetensors import safe_open
+
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file() or f.stat().st_size == 0:
+            return f"{name} missing or empty"
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+        with safe_open(str(path / "adapter_model.safetensors"), "pt") as fh:
+            list(fh.keys())
+    except Exception as exc:  # any parse failure means a torn write
+        return f"unreadable ({type(exc).__name__})"
+    if not list(path.glob("rng_state*.pth")):
+        return "RNG state missing"
+    return None
+
+
+def latest_checkpoint(ckpt_dir: Path, digest: str) -> Path | None:
+    """The newest complete checkpoint of this exact training config; torn ones are skipped."""
+    stamp = ckpt_dir / CONFIG_STAMP
+    if ckpt_dir.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
+        console.print("checkpoints belong to another training config; starting afresh")
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest + "\n")
+    found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for path in found:
+        why = _checkpoint_ok(path)
+        if why is None:
+            return path
+        console.print(f"[yellow]skipping torn checkpoint {path.name}[/yellow]: {why}")
+    return None
+
+
+# --- The stage -------------------------------------------------------------------------------
+
+
+def train(ctx: StageContext) -> None:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+
+    # Setup: everything that can fail cheaply fails here, before the model is loaded.
+    device = pick_device(cfg)
+    resolved = resolve(cfg.model)
+    tokenizer = load_tokenizer(resolved.path, cfg)
+    train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
+    check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
+    ckpt_dir = run_dir / names.CHECKPOINTS_DIR
+    resume = latest_checkpoint(ckpt_dir, training_digest(cfg))
+    console.print(f"device: {device}; bitsandbytes 4-bit: {cfg.quantization.load_in_4bit}; "
+                  f"rows: {len(train_rows)} train, {len(eval_rows)} eval; resume: {resume.name if resume else 'no'}")
+
+    # Run.
+    with stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) as out:
+        trainer = build_trainer(cfg, resolved.path, tokenizer, train_rows, eval_rows, ckpt_dir, device)
+        if device == "cuda" and cfg.quantization.load_in_4bit:
+            check_bnb_cuda()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except NonFiniteLoss as exc:
+            raise StageError(
+                f"training stopped: {exc} (no checkpoint written after it); lower training.learning_rate, "
+                "check the data, or keep quantization.compute_dtype=bfloat16"
+            ) from None
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+        adapter_dir = out.path(names.ADAPTER_DIR)
+        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer.save_pretrained(adapter_dir)
+        losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+        (adapter_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+
+        # Cleanup: the manifest records what went in and what came out.
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
+        runtime_s = result.metrics.get("train_runtime", 0.0)
+        out.commit(
+            inputs={
+                "model": str(resolved.path),
+                "model_source": resolved.source,
+                "model_revision": resolved.revision or cfg.model.revision,
+                "data": {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]},
+                "resumed_from": resume.name if resume else None,
+            },
+            metrics={
+                "device": device,
+                "steps": trainer.state.global_step,
+                "first_loss": losses[0][1] if losses else None,
+                "final_loss": losses[-1][1] if losses else None,
+                "eval_loss": eval_loss,
+                "train_runtime_s": runtime_s,
+                "tokens_trained": tokens,
+                "tokens_per_s": round(tokens / runtime_s, 1) if runtime_s else None,
+                "loss_curve": losses,
+                **data_stats,
+            },
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_parser("python -m stages.train", __doc__).parse_args(argv)
+    return run_stage(names.TRAIN, lambda: train(context(args)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
