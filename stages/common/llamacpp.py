@@ -32,7 +32,6 @@ COMMIT = "0c1e57098"
 TOOLS = (
     "llama-quantize",
     "llama-completion",
-    "llama-cli",
     "llama-perplexity",
     "llama-imatrix",
     "llama-bench",
@@ -121,7 +120,7 @@ def _extract(sdist: Path, dest: Path) -> None:
     top = f"llama_cpp_python-{SDIST_VERSION}/"
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
-            for prefix, target in ((top + "vendor/llama.cpp/", ""), (top + "llama_cpp/", "llama_cpp_py/")):
+            for prefix, target in ((top + "vendor/llama.cpp/", ""), (top + "llama_cpp/", "python/llama_cpp/")):
                 if member.name.startswith(prefix) and member.name != prefix.rstrip("/"):
                     member.name = target + member.name[len(prefix) :]
                     tar.extract(member, dest, filter="data")

@@ -69,3 +69,18 @@ def gguf_name(model_name: str, kind: str) -> str:
 # Environment variables that the stages read.
 ENV_CACHE = "KILN_CACHE"
 ENV_LLAMA_CPP = "KILN_LLAMA_CPP"
+
+# llama-quantize types the quantize stage accepts, with their nominal bits per weight
+# (llama.cpp's own table in tools/quantize). Extend here to allow another type.
+QUANT_TYPES: dict[str, float] = {
+    "Q2_K": 2.96,
+    "Q3_K_M": 3.91,
+    "Q4_0": 4.34,
+    "Q4_K_S": 4.58,
+    "Q4_K_M": 4.89,
+    "Q5_K_S": 5.54,
+    "Q5_K_M": 5.70,
+    "Q6_K": 6.56,
+    "Q8_0": 8.50,
+}
+SMOKE_FILE = "smoke.json"
