@@ -27,9 +27,12 @@ def convert_checkpoint(model_dir: Path, outfile: Path, outtype: str, model_name:
         sys.executable,
         str(llamacpp.script("convert_hf_to_gguf.py")),
         str(model_dir),
-        "--outfile", str(outfile),
-        "--outtype", outtype,
-        "--model-name", model_name,
+        "--outfile",
+        str(outfile),
+        "--outtype",
+        outtype,
+        "--model-name",
+        model_name,
     ]
     proc = subprocess.run(cmd, env=llamacpp.tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sys.stdout.write(proc.stdout)

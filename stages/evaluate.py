@@ -37,7 +37,7 @@ def base_gguf(cfg: PipelineConfig) -> Path:
     """The base model at eval.quant_type, made once per base checkpoint and llama.cpp version."""
     base = resolve(cfg.model).path
     digest = hashlib.sha256()
-    for f in sorted(base.glob("*.safetensors")) + [base / "config.json"]:
+    for f in [*sorted(base.glob("*.safetensors")), base / "config.json"]:
         digest.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
     digest.update(f"{llamacpp.COMMIT}:{cfg.eval.quant_type}".encode())
     cache = Path(os.environ.get(names.ENV_CACHE, names.CACHE_DIR)) / "gguf" / f"{base.name}-{digest.hexdigest()[:12]}"

@@ -80,7 +80,9 @@ def load_adapter(adapter_dir: Path) -> Adapter:
         )
     config = json.loads(cfg_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise StageError(f"{adapter_dir}: peft_type {config.get('peft_type')} is not LoRA; only LoRA adapters merge here")
+        raise StageError(
+            f"{adapter_dir}: peft_type {config.get('peft_type')} is not LoRA; only LoRA adapters merge here"
+        )
     if config.get("use_dora"):
         raise StageError(
             f"{adapter_dir}: DoRA adapters are refused: their magnitude vector rescales whole weight columns, "
@@ -130,7 +132,7 @@ def check_fit(adapter: Adapter, index: dict[str, Path]) -> None:
 
     problems = [f"{k} (not in base)" for k in [*adapter.lora, *adapter.replace] if k not in index]
     with safe_open(str(adapter.path), "pt") as ad:
-        shapes = {k: ad.get_slice(k).get_shape() for k in ad.keys()}
+        shapes = {k: ad.get_slice(k).get_shape() for k in ad.keys()}  # noqa: SIM118 (safe_open is no dict)
     opened: dict[Path, Any] = {}
     try:
         for key, entry in adapter.lora.items():
@@ -282,8 +284,10 @@ def standalone(args: argparse.Namespace) -> None:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    console.print(f"merged {stats['tensors_changed']} of {stats['tensors']} tensors into {out} "
-                  f"in {time.monotonic() - t0:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB")
+    console.print(
+        f"merged {stats['tensors_changed']} of {stats['tensors']} tensors into {out} "
+        f"in {time.monotonic() - t0:.1f} s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB"
+    )
 
 
 def pipeline(args: argparse.Namespace) -> None:
@@ -298,7 +302,9 @@ def pipeline(args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         stats = stream_merge(base, adapter_dir, out.path(names.MERGED_DIR), ctx.cfg.merge.dtype, args.shard_size)
         stats.update(wall_s=round(time.monotonic() - t0, 2), peak_rss_gib=round(peak_rss_bytes() / 2**30, 3))
-        out.commit(inputs={"base": str(base), "adapter": names.ADAPTER_DIR, "dtype": ctx.cfg.merge.dtype}, metrics=stats)
+        out.commit(
+            inputs={"base": str(base), "adapter": names.ADAPTER_DIR, "dtype": ctx.cfg.merge.dtype}, metrics=stats
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,9 @@ def prepare_smollm2(cfg: PipelineConfig) -> dict[str, Any]:
     model = type(loaded)(loaded.config)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
-        raise StageError(f"GGUF weights did not fit {type(model).__name__}: missing {missing[:3]}, extra {unexpected[:3]}")
+        raise StageError(
+            f"GGUF weights did not fit {type(model).__name__}: missing {missing[:3]}, extra {unexpected[:3]}"
+        )
     model.tie_weights()
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the GGUF's; the saved checkpoint is plain bf16
@@ -194,7 +196,10 @@ def prepare_demo_dates(cfg: PipelineConfig, n_train: int = 400, n_eval: int = 10
 def prepare(ctx: StageContext) -> None:
     cfg = ctx.cfg
     jobs = []
-    for kind, name, table in (("model", cfg.model.prepare, MODEL_PREPARERS), ("data", cfg.data.prepare, DATA_PREPARERS)):
+    for kind, name, table in (
+        ("model", cfg.model.prepare, MODEL_PREPARERS),
+        ("data", cfg.data.prepare, DATA_PREPARERS),
+    ):
         if name and name not in table:
             raise StageError(f"{kind}.prepare: unknown preparer {name!r}; known: {', '.join(sorted(table))}")
         if name:

@@ -24,9 +24,7 @@ from stages.common.errors import StageError, console, run_stage
 def check_types(types: list[str]) -> None:
     unknown = [t for t in types if t not in names.QUANT_TYPES]
     if unknown:
-        raise StageError(
-            f"gguf.quant_types: unknown {', '.join(unknown)}; valid: {', '.join(names.QUANT_TYPES)}"
-        )
+        raise StageError(f"gguf.quant_types: unknown {', '.join(unknown)}; valid: {', '.join(names.QUANT_TYPES)}")
 
 
 def n_params(gguf_path: Path) -> int:

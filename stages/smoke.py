@@ -12,6 +12,8 @@ usual signs of a wrong chat template, a lost EOS or a broken conversion.
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from stages.common import llamacpp, names
 from stages.common.artifacts import stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
@@ -35,9 +37,19 @@ def smoke(ctx: StageContext) -> None:
     results, failures = [], []
     for kind, given, prompt in cases:
         gen = model.generate(model.prompt_tokens(prompt), cfg.smoke.max_tokens)
-        console.print(f"[bold]{kind}[/bold] {given!r}\n  → {gen.text.strip()!r} (eos: {gen.stopped_at_eos})")
-        results.append({"kind": kind, "input": given, "output": gen.text, "tokens": len(gen.tokens),
-                        "stopped_at_eos": gen.stopped_at_eos})
+        console.print(
+            f"[bold]{kind}[/bold] {escape(repr(given))}\n"
+            f"  → {escape(repr(gen.text.strip()))} (eos: {gen.stopped_at_eos})"
+        )
+        results.append(
+            {
+                "kind": kind,
+                "input": given,
+                "output": gen.text,
+                "tokens": len(gen.tokens),
+                "stopped_at_eos": gen.stopped_at_eos,
+            }
+        )
         if not gen.text.strip():
             failures.append(f"empty answer to {given!r}")
         elif not gen.stopped_at_eos:

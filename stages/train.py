@@ -98,8 +98,10 @@ def prepare_rows(cfg: PipelineConfig, tokenizer) -> tuple[list, list, dict[str, 
     stats = {"train_rows": len(train), "eval_rows": len(held), "dropped_malformed": report.malformed}
     stats["dropped_too_long"] = report.too_long
     if report.dropped:
-        console.print(f"dropped {report.dropped} of {report.total} training rows ({report.malformed} malformed, "
-                      f"{report.too_long} over {cfg.data.max_seq_length} tokens)")
+        console.print(
+            f"dropped {report.dropped} of {report.total} training rows ({report.malformed} malformed, "
+            f"{report.too_long} over {cfg.data.max_seq_length} tokens)"
+        )
     if eval_report is not None:
         held = drop_too_long(held, tokenizer, cfg.data.max_seq_length, eval_report)
     return train, held, stats
@@ -198,7 +200,9 @@ def peft_config(cfg: PipelineConfig):
     )
 
 
-def build_trainer(cfg: PipelineConfig, model_path: Path, tokenizer, train_rows, eval_rows, output_dir: Path, device: str):
+def build_trainer(
+    cfg: PipelineConfig, model_path: Path, tokenizer, train_rows, eval_rows, output_dir: Path, device: str
+):
     """Model, adapters, data and trainer, exactly as the train stage runs them."""
     from datasets import Dataset
     from trl import SFTTrainer
@@ -277,8 +281,10 @@ def train(ctx: StageContext) -> None:
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
     ckpt_dir = run_dir / names.CHECKPOINTS_DIR
     resume = latest_checkpoint(ckpt_dir, training_digest(cfg))
-    console.print(f"device: {device}; bitsandbytes 4-bit: {cfg.quantization.load_in_4bit}; "
-                  f"rows: {len(train_rows)} train, {len(eval_rows)} eval; resume: {resume.name if resume else 'no'}")
+    console.print(
+        f"device: {device}; bitsandbytes 4-bit: {cfg.quantization.load_in_4bit}; "
+        f"rows: {len(train_rows)} train, {len(eval_rows)} eval; resume: {resume.name if resume else 'no'}"
+    )
 
     # Run.
     with stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) as out:

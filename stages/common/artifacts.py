@@ -17,7 +17,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ class StageOutput:
         self.owned = owned  # top-level entries this stage replaces whole (e.g. "adapter")
         self.staging = run_dir / f"{names.TMP_PREFIX}{stage}-{os.getpid()}"
         self.started = time.monotonic()
-        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     def path(self, rel: str) -> Path:
         """Where to write what will end up at run_dir/rel."""

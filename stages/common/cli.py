@@ -13,13 +13,15 @@ from stages.common.errors import StageError
 
 def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """An argparse parser with the shared options; `doc` is the stage module's docstring."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, help="pipeline YAML (the run's frozen runs/<run>/config.yaml)")
     parser.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<run_name>)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one config value, e.g. training.learning_rate=1e-4 (repeatable)",
     )
     parser.add_argument("--cache-key", default=None, help="build key computed by the orchestrator (recorded)")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True, highlight=False)
 
@@ -24,7 +25,7 @@ def run_stage(name: str, body: Callable[[], int | None]) -> int:
     try:
         rc = body() or 0
     except StageError as exc:
-        console.print(f"[bold red]✗ {name}[/bold red]: {exc}")
+        console.print(f"[bold red]✗ {name}[/bold red]: {escape(str(exc))}")
         return EXIT_STAGE_ERROR
     except KeyboardInterrupt:
         console.print(f"[bold red]✗ {name}[/bold red]: interrupted")
@@ -37,5 +38,5 @@ def run_stage(name: str, body: Callable[[], int | None]) -> int:
 
 def fail(message: str) -> None:
     """For scripts outside a stage body: print one line and exit non-zero."""
-    console.print(f"[bold red]error[/bold red]: {message}")
+    console.print(f"[bold red]error[/bold red]: {escape(message)}")
     sys.exit(EXIT_STAGE_ERROR)

@@ -70,7 +70,9 @@ def bin_dir(prefix: Path | None = None) -> Path:
 
 
 def _missing_hint() -> str:
-    return f"build it with `invoke llama-cpp` (or `python -m stages.common.llamacpp build`), or set {names.ENV_LLAMA_CPP}"
+    return (
+        f"build it with `invoke llama-cpp` (or `python -m stages.common.llamacpp build`), or set {names.ENV_LLAMA_CPP}"
+    )
 
 
 def tool(name: str) -> Path:

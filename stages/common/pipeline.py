@@ -205,7 +205,11 @@ def run_pipeline(
             announce(f"= {spec.name}: up to date")
             results.append(StageResult(spec.name, "up to date", time.monotonic() - t0))
             continue
-        reason = "forced" if (spec.name in force or "all" in force) else state.state + (f" ({state.why})" if state.why else "")
+        reason = (
+            "forced"
+            if (spec.name in force or "all" in force)
+            else state.state + (f" ({state.why})" if state.why else "")
+        )
         announce(f"▶ {spec.name}: {reason}; running with the {runtime.name} runtime")
         parts = key_parts(spec, cfg, run_dir, runtime)
         args = ["--config", config_path.as_posix(), "--run-dir", run_dir.as_posix(), "--cache-key", _digest(parts)]
@@ -247,7 +251,12 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
         )
     summary = {"run_name": cfg.run_name, "run_dir": run_dir.as_posix(), "stages": rows}
     write_json_atomic(run_dir / names.SUMMARY_JSON, summary)
-    lines = [f"# Run `{cfg.run_name}`", "", "| stage | status | seconds | artifacts | metrics |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Run `{cfg.run_name}`",
+        "",
+        "| stage | status | seconds | artifacts | metrics |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         arts = "<br>".join(f"`{k}` ({human_size(v)})" for k, v in r["outputs"].items() if not k.endswith(".json"))
         mets = "<br>".join(f"{k}: {v}" for k, v in flat_metrics(r["metrics"]).items())

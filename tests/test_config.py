@@ -1,0 +1,104 @@
+"""Config validation: typed, loud on mistakes, overrides beat the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.common.config import load_config, parse_overrides
+from stages.common.errors import StageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def minimal() -> dict:
+    return {"run_name": "r", "model": {"name_or_path": "m"}, "data": {"train_files": ["d.jsonl"]}}
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "mistral-7b-guanaco.yaml"])
+def test_shipped_configs_validate(name):
+    load_config(CONFIGS / name)
+
+
+def test_reference_recipe_values():
+    cfg = load_config(CONFIGS / "mistral-7b-guanaco.yaml")
+    assert cfg.model.name_or_path == "mistralai/Mistral-7B-Instruct-v0.1"
+    q, lo, t = cfg.quantization, cfg.lora, cfg.training
+    assert (q.quant_type, q.double_quant, q.compute_dtype) == ("nf4", True, "bfloat16")
+    assert (lo.r, lo.alpha, lo.dropout, lo.bias) == (64, 16, 0.1, "none")
+    assert lo.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
+    assert (t.optim, t.learning_rate, t.weight_decay, t.max_grad_norm) == ("paged_adamw_8bit", 2e-4, 0.001, 0.3)
+    assert (t.warmup_ratio, t.lr_scheduler, t.batch_size, t.epochs, t.group_by_length) == (0.03, "constant", 4, 1, True)
+    assert (t.save_steps, t.logging_steps, cfg.data.text_field, cfg.merge.dtype) == (25, 25, "text", "float16")
+    assert cfg.gguf.outtype == "f16" and cfg.gguf.quant_types == ["Q4_K_M"]
+    assert cfg.smoke.prompts == ["[INST] What is QLoRA? [/INST]"]
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    tree = minimal() | {"training": {"learning_rat": 1e-4}}
+    with pytest.raises(
+        StageError, match=r"unknown key 'training\.learning_rat'; did you mean 'training\.learning_rate'"
+    ):
+        load_config(write(tmp_path, tree))
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(StageError, match=r"unknown key 'trainig'; did you mean 'training'"):
+        load_config(write(tmp_path, minimal() | {"trainig": {}}))
+
+
+def test_missing_key(tmp_path):
+    tree = minimal()
+    del tree["model"]
+    with pytest.raises(StageError, match="missing key 'model'"):
+        load_config(write(tmp_path, tree))
+
+
+def test_fp16_with_4bit_is_rejected_with_reason(tmp_path):
+    tree = minimal() | {"training": {"fp16": True, "bf16": False}}
+    with pytest.raises(StageError, match="fp16 with 4-bit training is rejected: fp16's narrow range"):
+        load_config(write(tmp_path, tree))
+    tree = minimal() | {"quantization": {"compute_dtype": "float16"}}
+    with pytest.raises(StageError, match="fp16 with 4-bit"):
+        load_config(write(tmp_path, tree))
+
+
+def test_overrides_are_typed_and_beat_the_file(tmp_path):
+    path = write(tmp_path, minimal() | {"training": {"learning_rate": 1e-3}})
+    cfg = load_config(path, ["training.learning_rate=1e-4", "lora.target_modules=[q_proj]", "training.packing=true"])
+    assert cfg.training.learning_rate == 1e-4
+    assert cfg.lora.target_modules == ["q_proj"]
+    assert cfg.training.packing is True
+    assert parse_overrides(["a.b=3"]) == [("a.b", 3)]
+    with pytest.raises(StageError, match="is not KEY=VALUE"):
+        load_config(path, ["training.learning_rate"])
+
+
+def test_wrong_type_names_key(tmp_path):
+    with pytest.raises(StageError, match=r"training\.batch_size"):
+        load_config(write(tmp_path, minimal()), ["training.batch_size=many"])
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden"])
+def test_run_name_cannot_escape_runs(tmp_path, name):
+    with pytest.raises(StageError, match="run_name"):
+        load_config(write(tmp_path, minimal() | {"run_name": name}))
+
+
+def test_missing_file_is_one_line():
+    with pytest.raises(StageError, match="config file 'nope.yaml' not found"):
+        load_config("nope.yaml")
+
+
+def test_quant_type_cross_checks(tmp_path):
+    tree = minimal() | {"eval": {"exact_match": True, "quant_type": "Q8_0"}}
+    with pytest.raises(StageError, match="eval.quant_type 'Q8_0' is not among gguf.quant_types"):
+        load_config(write(tmp_path, tree))
