@@ -39,7 +39,7 @@ def base_gguf(cfg: PipelineConfig) -> Path:
     digest = hashlib.sha256()
     for f in [*sorted(base.glob("*.safetensors")), base / "config.json"]:
         digest.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
-    digest.update(f"{llamacpp.COMMIT}:{cfg.eval.quant_type}".encode())
+    digest.update(f"{llamacpp.COMMIT}:{cfg.eval.quant_type}:{cfg.gguf.token_embedding_type}".encode())
     cache = Path(os.environ.get(names.ENV_CACHE, names.CACHE_DIR)) / "gguf" / f"{base.name}-{digest.hexdigest()[:12]}"
     target = cache / f"base.{cfg.eval.quant_type}.gguf"
     if target.is_file():
@@ -49,7 +49,7 @@ def base_gguf(cfg: PipelineConfig) -> Path:
     tmp.mkdir(parents=True)
     f16 = tmp / "base.f16.gguf"
     convert_checkpoint(base, f16, "f16", f"{base.name}")
-    quantize_file(f16, tmp / target.name, cfg.eval.quant_type)
+    quantize_file(f16, tmp / target.name, cfg.eval.quant_type, cfg.gguf.token_embedding_type)
     f16.unlink()
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)

@@ -33,8 +33,11 @@ def n_params(gguf_path: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
 
 
-def quantize_file(src: Path, dst: Path, qtype: str) -> None:
-    cmd = [str(llamacpp.tool("llama-quantize")), str(src), str(dst), qtype, str(os.cpu_count() or 1)]
+def quantize_file(src: Path, dst: Path, qtype: str, token_embedding_type: str | None = None) -> None:
+    cmd = [str(llamacpp.tool("llama-quantize"))]
+    if token_embedding_type:
+        cmd += ["--token-embedding-type", token_embedding_type]
+    cmd += [str(src), str(dst), qtype, str(os.cpu_count() or 1)]
     proc = subprocess.run(cmd, env=llamacpp.tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0 or not dst.is_file():
         sys.stdout.write(proc.stdout)
@@ -58,7 +61,7 @@ def quantize(ctx: StageContext) -> None:
         files = {}
         for qtype in cfg.gguf.quant_types:
             dst = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, qtype)}")
-            quantize_file(src, dst, qtype)
+            quantize_file(src, dst, qtype, cfg.gguf.token_embedding_type)
             size = dst.stat().st_size
             files[qtype] = {"size_bytes": size, "bits_per_weight": round(size * 8 / params, 3)}
             console.print(f"{qtype}: {size / 2**20:.1f} MiB, {files[qtype]['bits_per_weight']} bits/weight")

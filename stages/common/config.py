@@ -104,6 +104,11 @@ class MergeConfig(Section):
 class GgufConfig(Section):
     outtype: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="Converter output type.")
     quant_types: list[str] = Field(default_factory=lambda: ["Q4_K_M"], description="llama-quantize types to make.")
+    token_embedding_type: Literal["f16", "q8_0"] | None = Field(
+        None,
+        description="Keep token embeddings at this type when quantizing (llama-quantize --token-embedding-type). "
+        "With tied embeddings they are also the output projection.",
+    )
 
 
 class SmokeConfig(Section):
