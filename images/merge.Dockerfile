@@ -1,0 +1,45 @@
+# Merge image: CPU only. Runs the prepare and merge stages (torch CPU, transformers, peft, safetensors).
+#   docker build -f images/merge.Dockerfile -t kiln-merge .            (invoke build --stage merge)
+# Build args: BASE_IMAGE (any Debian with python3 + venv), TORCH_INDEX_URL (CPU wheels; empty to use
+# only PyPI and the local wheels in cache/wheels), UID/GID of the image's user.
+# Optional secret for TLS-intercepting proxies: --secret id=ca,src=/path/to/ca-bundle.crt
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG UID=10001
+ARG GID=10001
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    HF_HOME=/work/cache/hf
+
+RUN set -eux; \
+    groupadd --gid "${GID}" kiln; \
+    useradd --uid "${UID}" --gid kiln --no-create-home --home-dir /tmp kiln; \
+    python3 -m venv /opt/venv; \
+    mkdir -p /work; \
+    python3 --version
+
+COPY requirements/constraints.txt /opt/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    --mount=type=bind,source=cache/wheels,target=/wheels \
+    set -eux; \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    pip install --no-compile --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+        -c /opt/constraints.txt torch; \
+    pip install --no-compile -c /opt/constraints.txt transformers peft safetensors sentencepiece protobuf gguf \
+        pydantic pyyaml rich psutil; \
+    if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
+    python -c 'import torch, transformers, peft, safetensors; assert not torch.version.cuda, torch.version.cuda'
+
+WORKDIR /work
+COPY stages /work/stages
+RUN python -c 'import stages.merge, stages.prepare'
+USER ${UID}:${GID}
+ENTRYPOINT []
+CMD ["python", "-m", "stages.merge", "--help"]

@@ -1,0 +1,40 @@
+# Train image: CUDA torch wheels from PyPI (they carry the CUDA runtime: the host needs only the
+# NVIDIA driver and nvidia-container-toolkit), bitsandbytes, peft, trl, accelerate, datasets,
+# transformers. Runs the train stage on a GPU, or on the CPU (bitsandbytes' CPU backend).
+#   docker build -f images/train.Dockerfile -t kiln-train .            (invoke build --stage train)
+# Build args: BASE_IMAGE, UID, GID. Optional CA secret: as in merge.Dockerfile.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG UID=10001
+ARG GID=10001
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    HF_HOME=/work/cache/hf \
+    TRITON_CACHE_DIR=/tmp/triton
+
+RUN set -eux; \
+    groupadd --gid "${GID}" kiln; \
+    useradd --uid "${UID}" --gid kiln --no-create-home --home-dir /tmp kiln; \
+    python3 -m venv /opt/venv; \
+    mkdir -p /work; \
+    python3 --version
+
+COPY requirements/constraints.txt /opt/constraints.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    set -eux; \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
+    pip install --no-compile -c /opt/constraints.txt torch transformers peft trl accelerate datasets bitsandbytes \
+        safetensors sentencepiece protobuf pydantic pyyaml rich psutil; \
+    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; print(torch.__version__, torch.version.cuda)'
+
+WORKDIR /work
+COPY stages /work/stages
+RUN python -c 'import stages.train'
+USER ${UID}:${GID}
+ENTRYPOINT []
+CMD ["python", "-m", "stages.train", "--help"]
