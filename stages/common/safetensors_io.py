@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +157,7 @@ class CheckpointReader:
                 self.shard_of[name] = f
         self._open: dict[Path, ShardReader] = {}
 
-    def keys(self) -> list[str]:
+    def names(self) -> list[str]:
         """Names in storage order (shard by shard, by offset), the order that reads sequentially."""
         return list(self.info)
 
@@ -238,6 +238,15 @@ class ShardWriter:
         self._fh.write(memoryview(flat.numpy()))
         self._next += 1
 
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the caller's error is the story; the half-written file goes with its folder
+            self._fh.close()
+
     def close(self) -> None:
         """Finish the file and flush it to disk (the caller renames it into place afterwards)."""
         if self._next != len(self._expect):
@@ -252,7 +261,3 @@ class ShardWriter:
 def write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
     payload = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def iter_infos(folder: Path) -> Iterator[TensorInfo]:
-    yield from CheckpointReader(folder).info.values()
