@@ -104,11 +104,10 @@ def tool_env() -> dict[str, str]:
 
 
 def _fetch_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
     cmd += ["-d", str(dest), f"{SDIST_PACKAGE}=={SDIST_VERSION}"]
-    # pip prepares metadata after downloading; without the build backend that step fails, but the
-    # file is already saved. So judge by the file and its hash, not by pip's exit code.
-    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # pip prepares the sdist's metadata after saving it; judge by the saved file and its hash.
+    subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise StageError(f"could not download {SDIST_PACKAGE}=={SDIST_VERSION} from PyPI; check pip's network/CA")

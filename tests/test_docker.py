@@ -1,0 +1,109 @@
+"""The images and the Docker runtime: users, secrets, sizes, and the demo pipeline in containers.
+
+Needs a Docker engine and the three images (`invoke build`; .ci/run builds them). Skipped, with the
+reason, where no engine answers or an image is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from stages.common import names
+from stages.common import pipeline as graph
+from stages.common.config import load_config
+
+docker_runtime = pytest.importorskip("stages.common.docker_runtime")
+pytestmark = pytest.mark.docker
+
+ROOT = Path(__file__).resolve().parents[1]
+BUDGET_GB = {"merge": 1.5, "gguf": 1.5, "train": 10.0}
+
+
+@pytest.fixture(scope="module")
+def images():
+    if not docker_runtime.engine_answers():
+        pytest.skip("no Docker engine answers (.ci/start-docker.sh starts one)")
+    report = docker_runtime.image_report()
+    missing = sorted(set(docker_runtime.IMAGES) - set(report))
+    if missing:
+        pytest.skip(f"images not built: {', '.join(missing)} (invoke build)")
+    return report
+
+
+def run_in(image: str, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [docker_runtime.DOCKER, "run", "--rm", "--network", "none", image, *cmd], capture_output=True, text=True
+    )
+
+
+def test_images_run_as_non_root(images):
+    for key, meta in images.items():
+        assert meta["user"] and not meta["user"].startswith(("0", "root")), key
+        assert run_in(meta["image"], "id", "-u").stdout.strip() != "0"
+
+
+def test_sizes_within_budget(images):
+    for key, meta in images.items():
+        assert meta["size_bytes"] <= BUDGET_GB[key] * 1e9, f"{key}: {meta['size_bytes'] / 1e9:.2f} GB"
+
+
+def test_no_build_secret_in_history(images):
+    ca = Path("/etc/ssl/certs/ca-certificates.crt")
+    marker = ca.read_text().split("-----BEGIN CERTIFICATE-----")[1][:64] if ca.is_file() else "BEGIN CERTIFICATE"
+    for meta in images.values():
+        history = subprocess.run(
+            [docker_runtime.DOCKER, "history", "--no-trunc", meta["image"]], capture_output=True, text=True, check=True
+        ).stdout
+        assert marker not in history and "BEGIN CERTIFICATE" not in history
+        assert "/run/secrets/ca" not in run_in(meta["image"], "ls", "/run/secrets").stdout
+
+
+def test_merge_image_has_no_cuda_and_gguf_image_no_compiler(images):
+    found = run_in(images["merge"]["image"], "sh", "-c", "find /opt/venv -name 'libcu*.so*' | head -3").stdout
+    assert found.strip() == ""
+    assert run_in(images["gguf"]["image"], "sh", "-c", "command -v gcc g++ cc cmake || true").stdout.strip() == ""
+    quantize = run_in(images["gguf"]["image"], "sh", "-c", "ls /opt/llama.cpp/build/bin/")
+    for tool in ("llama-quantize", "llama-completion", "llama-perplexity", "llama-imatrix", "llama-bench"):
+        assert tool in quantize.stdout
+
+
+def test_train_on_cuda_without_gpu_fails_with_the_fix(images, tmp_path):
+    run = ROOT / names.RUNS_DIR / "docker-nogpu"
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["run_name=docker-nogpu", "training.device=cuda"])
+    config_path = graph.freeze_config(cfg, run)
+    cmd = docker_runtime.DockerRuntime().command(names.TRAIN, ["--config", config_path.relative_to(ROOT).as_posix()])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    shutil.rmtree(run, ignore_errors=True)
+    assert proc.returncode == 2
+    assert "no CUDA GPU is visible" in proc.stderr and "--gpus all" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def docker_demo(images):
+    """The demo pipeline with every stage in its container (train on the CPU)."""
+    run = Path(names.RUNS_DIR) / "demo-docker"
+    shutil.rmtree(ROOT / run, ignore_errors=True)
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["run_name=demo-docker"])
+    results = graph.run_pipeline(cfg, run, docker_runtime.DockerRuntime(), announce=print)
+    return cfg, ROOT / run, results
+
+
+def test_demo_pipeline_in_containers(docker_demo):
+    _, run, results = docker_demo
+    assert [r.status for r in results] == ["ran"] * 7, results
+    metrics = json.loads((run / names.MANIFESTS_DIR / "evaluate.json").read_text())["metrics"]
+    assert metrics["finetuned_exact_match"] >= 0.8 > 0.3 >= metrics["base_exact_match"]
+    assert {p.stat().st_uid for p in run.rglob("*")} == {os.getuid()}, "files belong to the invoking user"
+
+
+def test_demo_rerun_in_containers_is_up_to_date(docker_demo):
+    cfg, run, _ = docker_demo
+    results = graph.run_pipeline(cfg, run.relative_to(ROOT), docker_runtime.DockerRuntime(), announce=print)
+    assert {r.status for r in results} == {"up to date"}
