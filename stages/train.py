@@ -149,7 +149,13 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
     from trl import SFTConfig
 
     t = cfg.training
+    # transformers >= 5.19 names the length-grouped sampler; older releases take group_by_length.
+    if "train_sampling_strategy" in SFTConfig.__dataclass_fields__:
+        sampler = {"train_sampling_strategy": "group_by_length" if t.group_by_length else "random"}
+    else:
+        sampler = {"group_by_length": t.group_by_length}
     return SFTConfig(
+        **sampler,
         output_dir=str(output_dir),
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -165,10 +171,11 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         bf16=t.bf16,
         fp16=t.fp16,
         use_cpu=device == "cpu",
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         packing=t.packing,
+        use_liger_kernel=t.liger_kernel,
+        activation_offloading=t.activation_offloading,
         max_length=cfg.data.max_seq_length,
         logging_steps=t.logging_steps,
         save_strategy="steps",

@@ -87,6 +87,8 @@ class TrainingConfig(Section):
     group_by_length: bool = Field(True, description="Batch rows of similar length together (less padding).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory.")
     packing: bool = Field(False, description="Pack rows into full sequences (changes batching semantics).")
+    liger_kernel: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, loss); CUDA.")
+    activation_offloading: bool = Field(False, description="Offload saved activations to CPU memory (trl).")
     logging_steps: int = Field(25, gt=0, description="Log every N optimizer steps.")
     save_steps: int = Field(25, gt=0, description="Checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")
