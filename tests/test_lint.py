@@ -10,6 +10,7 @@ dependabot coverage) need no tool and always run.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -59,14 +60,15 @@ def test_ruff_format():
 def test_actionlint():
     files = sorted(WORKFLOWS.glob("*.y*ml"))
     assert files, f"no workflows under {WORKFLOWS}"
-    _run([_tool("actionlint"), *map(str, files)])
+    # The config names the self-hosted runner's labels; given explicitly, it is found outside a git checkout too.
+    _run([_tool("actionlint"), "-config-file", str(ROOT / ".github" / "actionlint.yaml"), *map(str, files)])
 
 
 def test_hadolint():
     dockerfiles = sorted((ROOT / "images").glob("*.Dockerfile"))
     if not dockerfiles:
         pytest.skip("no images/*.Dockerfile yet")
-    _run([_tool("hadolint"), *map(str, dockerfiles)])
+    _run([_tool("hadolint"), "--no-color", *map(str, dockerfiles)])
 
 
 # --- Supply-chain policy of the workflows ------------------------------------------------------
@@ -107,43 +109,118 @@ def test_one_sha_per_action():
     assert not mixed, f"actions pinned at more than one commit: {mixed}"
 
 
+# Write scopes a job may hold; every other job reads at most.
+WRITE_SCOPES = {
+    ("release.yml", "images"): {"packages", "id-token", "attestations", "artifact-metadata"},
+    ("release.yml", "release"): {"contents"},
+}
+
+
 def test_permissions_are_least_privilege():
-    """Top level grants nothing beyond reading; write scopes appear only on the jobs that need them."""
-    allowed_writes = {
-        "release.yml": {"packages", "id-token", "attestations", "artifact-metadata", "contents"},
-    }
+    """Top level grants nothing; each job names its scopes, and writes only where listed above."""
     for name, wf in _workflows().items():
-        top = wf.get("permissions")
-        assert top is not None, f"{name}: no top-level `permissions:` (the default token may be read-write)"
-        assert top == {} or set(top.values()) <= {"read", "none"}, f"{name}: top-level permissions {top}"
+        assert wf.get("permissions") == {}, f"{name}: top-level `permissions:` must be {{}} (jobs grant their own)"
         for job_id, job in wf["jobs"].items():
-            perms = job.get("permissions", {})
-            assert isinstance(perms, dict), f"{name}/{job_id}: permissions must be a mapping, not {perms!r}"
+            perms = job.get("permissions")
+            assert isinstance(perms, dict), f"{name}/{job_id}: no `permissions:` mapping"
             writes = {k for k, v in perms.items() if v == "write"}
-            extra = writes - allowed_writes.get(name, set())
-            assert not extra, f"{name}/{job_id}: write access {sorted(extra)} is not expected in this workflow"
+            extra = writes - WRITE_SCOPES.get((name, job_id), set())
+            assert not extra, f"{name}/{job_id}: write access {sorted(extra)} is not expected here"
+
+
+def _task_names() -> set[str]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kiln_tasks", ROOT / "tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return set(module.ns.task_names) | {a for aliases in module.ns.task_names.values() for a in aliases}
+
+
+# Tasks the workflows call that other work adds to tasks.py (issue 4: bench-train). Remove a name once
+# its task lands, so that a typo in a workflow fails here.
+TASKS_PENDING = {"bench-train"}
 
 
 def test_workflow_steps_run_invoke_tasks():
-    """The YAML wires steps together; the work is an invoke task a developer can run the same way."""
-    from tasks import ns
-
-    tasks = set(ns.task_names) | {a for names in ns.task_names.values() for a in names}
+    """The YAML wires steps together; the work is an invoke task a developer runs the same way."""
+    tasks = _task_names()
     for name, wf in _workflows().items():
         for job_id, job in wf["jobs"].items():
             for step in job.get("steps", []):
-                for called in re.findall(r"\binvoke\s+([a-z][\w-]*)", step.get("run", "")):
-                    assert called.replace("_", "-") in tasks or called in _TASKS_PENDING, (
-                        f"{name}/{job_id}: `invoke {called}` is not a task in tasks.py"
-                    )
+                for called in re.findall(r"(?:^|[;&|])\s*(?:\S*/)?invoke\s+([a-z][\w-]*)", step.get("run", ""), re.M):
+                    assert called in tasks | TASKS_PENDING, f"{name}/{job_id}: `invoke {called}` is not in tasks.py"
 
 
-# Tasks the workflows call that other work items add to tasks.py (issue 3: build, base-image;
-# issue 4: bench-train). Remove a name once its task lands, so a typo in a workflow fails here.
-_TASKS_PENDING = {"build", "base-image", "bench-train"}
+def test_ci_builds_the_images_invoke_build_builds():
+    """ci.yml's build steps carry what docker_runtime.build_image passes to `docker build`."""
+    docker_runtime = pytest.importorskip("stages.common.docker_runtime")
+    job = _workflows()["ci.yml"]["jobs"]["images"]
+    builds = {
+        s["with"]["file"]: s["with"] for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@")
+    }
+    expected = {f"images/{key}.Dockerfile": tag for key, tag in docker_runtime.IMAGES.items()}
+    assert {f: b["tags"] for f, b in builds.items()} == expected
+    for build in builds.values():
+        assert build["context"] == "." and build["load"] is True
+    prepared = " ".join(s.get("run", "") for s in job["steps"])
+    assert f"mkdir -p {docker_runtime.WHEELS.as_posix()}" in prepared, "the CPU images bind-mount WHEELS"
+
+
+def test_release_matrix_is_every_image():
+    docker_runtime = pytest.importorskip("stages.common.docker_runtime")
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "release-matrix", "--registry", "ghcr.io/Some-Owner"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "GITHUB_OUTPUT"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = yaml.safe_load(proc.stdout)["include"]
+    assert {r["image"] for r in rows} == set(docker_runtime.IMAGES)
+    for r in rows:
+        assert r["ref"] == f"ghcr.io/some-owner/{docker_runtime.IMAGES[r['image']]}"
+        assert (ROOT / r["file"]).is_file()
 
 
 def test_dependabot_covers_pip_docker_and_actions():
     cfg = yaml.safe_load((ROOT / ".github" / "dependabot.yml").read_text())
     seen = {(u["package-ecosystem"], u["directory"]) for u in cfg["updates"]}
     assert {("pip", "/"), ("docker", "/images"), ("github-actions", "/")} <= seen, seen
+
+
+# --- The one constraints file -----------------------------------------------------------------
+
+CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version and " " not in line, f"not `name==version`: {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_constraints_pin_every_project_dependency():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+    names = {re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0]).lower() for r in wanted}
+    missing = sorted(names - set(_pins()))
+    assert not missing, f"{CONSTRAINTS.name} does not pin {missing}; run `invoke lock`"
+
+
+def test_constraints_file_is_in_invoke_lock_format():
+    """`invoke lock` rewrites the file in this very form: sorted case-insensitively, one header."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kiln_tasks", ROOT / "tasks.py")
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    text = CONSTRAINTS.read_text()
+    assert tasks._render_pins(tasks._read_pins(CONSTRAINTS)) == text
