@@ -111,7 +111,7 @@ def test_one_sha_per_action():
 
 # Write scopes a job may hold; every other job reads at most.
 WRITE_SCOPES = {
-    ("release.yml", "images"): {"packages", "id-token", "attestations", "artifact-metadata"},
+    ("release.yml", "images"): {"packages", "id-token", "attestations"},
     ("release.yml", "release"): {"contents"},
 }
 
