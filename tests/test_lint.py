@@ -74,7 +74,7 @@ def test_hadolint():
 # --- Supply-chain policy of the workflows ------------------------------------------------------
 
 # `uses: owner/repo[/path]@<40 hex> # vX.Y.Z`: a full commit SHA, and the release it was taken from.
-PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}\s+#\s*v\d+(\.\d+){0,2}\b")
+PINNED = re.compile(r"^[\w.-]+/[\w./-]+@[0-9a-f]{40}\s+#\s*v\d+\.\d+\.\d+\b")
 
 
 def _workflows() -> dict[str, dict]:
