@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "--workdir",
             str(args.workdir),
         ]
-        proc = subprocess.run([*launcher, __file__, *one], capture_output=True, text=True)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.gpus)))}
+        proc = subprocess.run([*launcher, __file__, *one], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             results[profile] = {"profile": profile, "error": proc.stderr.strip().splitlines()[-1]}

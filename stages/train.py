@@ -281,6 +281,10 @@ def latest_checkpoint(ckpt_dir: Path, digest: str) -> Path | None:
 
 def train(ctx: StageContext) -> None:
     cfg, run_dir = ctx.cfg, ctx.run_dir
+    if "WORLD_SIZE" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ and cfg.training.gpus == 1:
+        # One process seeing several GPUs would make Trainer wrap the model in nn.DataParallel,
+        # which 4-bit models do not support; several GPUs go through accelerate (training.gpus).
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
     # Setup: everything that can fail cheaply fails here, before the model is loaded.
     device = pick_device(cfg)
