@@ -523,7 +523,29 @@ def release_notes(c, registry, tag, repo=None, out="build/release-notes.md", pub
         c.run(f"gh release create {tag} --verify-tag --generate-notes --notes-file {out}{prerelease}", echo=True)
 
 
+@task(
+    help={
+        "profiles": "comma-separated: reference, 24gb, 12gb (default all, in one run)",
+        "gpus": "GPUs per profile; > 1 runs DDP through accelerate",
+        "steps": "timed steps after warm-up",
+    }
+)
+def bench_train(c, profiles="reference,24gb,12gb", gpus=1, steps=20):
+    """Measure train-stage tokens/s and VRAM on CUDA: the reference recipe against the profiles."""
+    c.run(
+        f"{PY} benchmarks/train_throughput.py --profiles {profiles} --gpus {int(gpus)} --steps {int(steps)}", echo=True
+    )
+
+
+@task(help={"size": "model shapes: tiny, 1b or 7b", "reference": "also run peft's merge_and_unload: yes, no or auto"})
+def bench_merge(c, size="7b", reference="auto"):
+    """Measure the streaming merge's wall time and peak RSS (and peft's, where RAM allows)."""
+    c.run(f"{PY} benchmarks/merge.py --size {size} --reference {reference}", echo=True)
+
+
 ns = Collection(
+    bench_train,
+    bench_merge,
     pipeline,
     status,
     stage,
