@@ -5,8 +5,9 @@
     # standalone
     python -m stages.merge --base BASE_DIR --adapter ADAPTER_DIR --output OUT_DIR [--dtype float16|bfloat16]
     python -m stages.merge --base B --adapter A --output O --onto dequantized --compare-onto --verify
-    # in the container (paths as mounted in compose.yaml)
-    docker compose run --rm merge --base /work/cache/models/M --adapter /work/runs/R/adapter --output /work/out/M-merged
+    # in the container (the kiln-merge image; compose.yaml mounts runs/ and cache/ at the same paths)
+    docker compose run --rm merge python -m stages.merge --base cache/models/M --adapter runs/R/adapter \
+        --output runs/R/merged
 
 How: base tensors are read one at a time from the safetensors shards (plain reads, no mmap, so a
 5 GB shard does not become 5 GB of resident memory), each one that the adapter changes is merged
@@ -58,7 +59,6 @@ from stages.common.lora_math import (
     Adapter,
     QuantSpec,
     check_fit,
-    embedding_delta,
     load_adapter,
     merge_embedding,
     merge_linear,
@@ -116,7 +116,7 @@ class Plan:
     adapter: Adapter
     dtype: str
     onto: str
-    quant: QuantSpec | None
+    quant: QuantSpec  # how training quantized the base; used onto dequantized and by --compare-onto
     config: dict[str, Any]  # the output config.json
     outputs: list[TensorInfo] = field(default_factory=list)  # in write order
     source: dict[str, str] = field(default_factory=dict)  # output key -> base key, where they differ (untied)
@@ -189,7 +189,14 @@ def _bnb_quantized_weights(model, quant: QuantSpec) -> list[str]:
 
 
 def make_plan(
-    base_dir: Path, adapter_dir: Path, dtype: str, onto: str, quant: QuantSpec | None, remote: bool = False
+    base_dir: Path,
+    adapter_dir: Path,
+    dtype: str,
+    onto: str,
+    quant: QuantSpec,
+    *,
+    compare: bool = False,
+    remote: bool = False,
 ) -> Plan:
     """Everything that can fail cheaply fails here: inputs, fit, architecture; no weights are read."""
     check_weights(base_dir)
@@ -207,10 +214,19 @@ def make_plan(
         raise StageError(
             f"{base_dir}: unreadable safetensors checkpoint ({exc}); re-download or re-export it"
         ) from None
-    arch = inspect_architecture(base_dir, config, quant if onto == "dequantized" else None, remote)
+    need_quantized = onto == "dequantized" or compare
+    if need_quantized:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise StageError(
+                "--onto dequantized and --compare-onto need bitsandbytes (it reproduces the 4-bit round trip), "
+                "which this environment lacks; pip install bitsandbytes, or merge --onto original"
+            ) from None
+    arch = inspect_architecture(base_dir, config, quant if need_quantized else None, remote)
 
     available = dict(base.info)
-    plan = Plan(base_dir, base, adapter, dtype, onto, quant if onto == "dequantized" else None, config)
+    plan = Plan(base_dir, base, adapter, dtype, onto, quant, config)
     plan.keep_fp32 = arch.keep_fp32
     for target, src in arch.tied.items():
         if target not in base and src in base:
@@ -234,7 +250,7 @@ def make_plan(
         if key in extra:
             plan.outputs.append(_out_info(plan, extra[key], replace(info, name=extra[key])))
 
-    if plan.quant is not None:
+    if need_quantized:
         if not arch.quantized:
             raise StageError(f"found no layer that bitsandbytes would quantize in {base_dir}; merge --onto original")
         plan.quantized = set(arch.quantized) & set(base.info)
@@ -268,7 +284,7 @@ def build_tensor(plan: Plan, key: str, onto: str | None = None):
     if not weight.is_floating_point():
         return weight
     if onto == "dequantized" and src in plan.quantized:
-        weight = quant_roundtrip(weight, plan.quant or QuantSpec())
+        weight = quant_roundtrip(weight, plan.quant)
     weight = weight.to(getattr(torch, plan.out_dtype(key)))
     target = ad.targets.get(key)
     if target is None:
@@ -312,7 +328,7 @@ def write_checkpoint(plan: Plan, out_dir: Path, shard_bytes: int) -> dict[str, A
                     weight_map[info.name] = name
                     counts["lora"] += info.name in plan.adapter.targets
                     counts["saved_modules"] += info.name in plan.adapter.replace
-                    counts["dequantized"] += plan.source.get(info.name, info.name) in plan.quantized
+                    counts["dequantized"] += plan.onto == "dequantized" and info.name in plan.quantized
                     progress.update(bar, advance=info.nbytes)
             total += writer.size
     plan.base.close()
@@ -364,6 +380,14 @@ def whole_model_fits(plan: Plan) -> bool:
     return param_count(plan) * 4 <= FULL_CHECK_MAX_BYTES
 
 
+def _quiet_transformers() -> None:
+    """The checks load whole models; their per-tensor loading bars would drown the stage's own lines."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _prompt_ids(model_dir: Path, vocab: int) -> list[list[int]]:
     try:
         from transformers import AutoTokenizer
@@ -393,7 +417,7 @@ def _dequantize_in_place(model, plan: Plan) -> None:
     with torch.no_grad():
         for key in plan.quantized:
             param = model.get_parameter(key)
-            param.data = quant_roundtrip(param.data, plan.quant or QuantSpec()).to(param.dtype)
+            param.data = quant_roundtrip(param.data, plan.quant).to(param.dtype)
 
 
 def verify_full(plan: Plan, out_dir: Path) -> dict[str, Any]:
@@ -402,6 +426,7 @@ def verify_full(plan: Plan, out_dir: Path) -> dict[str, Any]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     base = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32)
     if plan.onto == "dequantized":
         _dequantize_in_place(base, plan)
@@ -435,16 +460,14 @@ def verify_full(plan: Plan, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def sample_targets(plan: Plan, limit: int = LAYER_SAMPLE) -> list[str]:
-    """LoRA targets of the first, middle and last layer, plus any embedding/head targets."""
+def sample_layers(keys: list[str], limit: int = LAYER_SAMPLE) -> list[str]:
+    """The keys of the first, middle and last layer, plus keys outside numbered layers (embeddings, head)."""
     import re
 
-    keys = list(plan.adapter.targets)
     layer_of = {k: int(m.group(1)) for k in keys if (m := re.search(r"\.(\d+)\.", k))}
     layers = sorted(set(layer_of.values()))
     pick = {layers[0], layers[len(layers) // 2], layers[-1]} if layers else set()
-    chosen = [k for k in keys if k not in layer_of or layer_of[k] in pick]
-    return chosen[:limit]
+    return [k for k in keys if k not in layer_of or layer_of[k] in pick][:limit]
 
 
 def _row_chunks(n: int, step: int = 2048):
@@ -470,7 +493,7 @@ def check_layer(plan: Plan, merged: CheckpointReader, key: str, onto: str | None
     override = ad.base_override.get(key) or ad.base_override.get(src)
     base = ad.reader.get(override) if override else plan.base.get(src)
     if (onto or plan.onto) == "dequantized" and src in plan.quantized:
-        base = quant_roundtrip(base, plan.quant or QuantSpec())
+        base = quant_roundtrip(base, plan.quant)
     dt = plan.out_dtype(key)
     base = base.to(getattr(torch, dt))
     out = merged.get(key)
@@ -481,20 +504,22 @@ def check_layer(plan: Plan, merged: CheckpointReader, key: str, onto: str | None
     gen = torch.Generator().manual_seed(0)
     worst, rel_err = 0.0, 0.0
     if t.kind == EMBEDDING:
-        # An embedding's "output" for token ids is its rows; check sampled rows elementwise.
-        delta_t = embedding_delta(a, b, s)  # (num_embeddings, dim) in float64
+        # An embedding's output for a token is its row: check sampled rows elementwise. Rows of the
+        # delta are computed from the factors, so the check never holds a whole float64 embedding.
+        def delta_rows(rows):
+            return s * (a[:, rows].T @ b.T)
+
         ids = torch.randperm(base.shape[0], generator=gen)[:256]
-        w = base[ids].to(f64)
-        ref = w + delta_t[ids]
-        if mag is not None:
-            col = torch.linalg.norm(base.to(f64) + delta_t, dim=0)
-            ref = ref * (mag / col).view(1, -1)
+        d = delta_rows(ids)
+        ref = base[ids].to(f64) + d
+        if mag is not None:  # DoRA normalises each embedding dimension over the whole vocabulary
+            sq = torch.zeros(base.shape[1], dtype=f64)
+            for rows in _row_chunks(base.shape[0]):
+                sq += ((base[rows].to(f64) + delta_rows(rows)) ** 2).sum(0)
+            ref = ref * (mag / sq.sqrt()).view(1, -1)
         got = out[ids].to(f64)
-        bound = (
-            u * (1 + 2 * u) * (got.abs() + delta_t[ids].abs()) * 2
-            + (t.rank + 2) * e32 * s * (b.abs() @ a[:, ids].abs()).T
-            + 2 * eta
-        )
+        bound = 2 * u * (1 + 2 * u) * (got.abs() + d.abs()) + 2 * eta
+        bound += (t.rank + 2) * e32 * s * (a[:, ids].abs().T @ b.abs().T)
         if mag is not None:
             bound += (base.shape[0] + 8) * e32 * got.abs()
         err = (got - ref).abs()
@@ -529,10 +554,9 @@ def verify_layers(plan: Plan, out_dir: Path) -> dict[str, Any]:
     """Sampled merged layers against base + adapter, plus exact copies of untouched tensors nearby."""
     import torch
 
-    keys = sample_targets(plan)
+    keys = sample_layers(list(plan.adapter.targets))
     results = {}
-    with CheckpointReader(out_dir) as merged, CheckpointReader(plan.base_dir) as base:
-        plan.base = base
+    with CheckpointReader(out_dir) as merged:
         for key in keys:
             results[key] = check_layer(plan, merged, key)
         # Untouched tensors next to the sampled ones must be plain casts of the base.
@@ -566,73 +590,81 @@ def verify_layers(plan: Plan, out_dir: Path) -> dict[str, Any]:
 
 
 def compare_onto(plan: Plan, out_dir: Path) -> dict[str, Any]:
-    """How much the choice of --onto moves the model: the other choice's merge vs this output."""
-    import torch
-
+    """How much the choice of --onto moves the model: this output vs the other choice's merge."""
     other = "original" if plan.onto == "dequantized" else "dequantized"
-    if plan.quant is None:
-        plan.quant = QuantSpec()
-    if not plan.quantized:
-        arch = inspect_architecture(plan.base_dir, plan.config, plan.quant, remote=False)
-        plan.quantized = set(arch.quantized or ()) & set(plan.base.info)
-    with CheckpointReader(plan.base_dir) as base:
-        plan.base = base
-        if whole_model_fits(plan):
-            from transformers import AutoModelForCausalLM
+    run = compare_onto_full if whole_model_fits(plan) else compare_onto_layers
+    result = run(plan, out_dir, other)
+    result["this"], result["other"] = plan.onto, other
+    return result
 
-            model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-            prompts = _prompt_ids(out_dir, model.config.vocab_size)
-            this = _logits(model, prompts)
-            with torch.no_grad():
-                for key in plan.outputs:
-                    if plan.source.get(key.name, key.name) in plan.quantized:
-                        model.get_parameter(key.name).data = build_tensor(plan, key.name, other).float()
-            that = _logits(model, prompts)
-            diff = [(a - b).abs() for a, b in zip(this, that, strict=True)]
-            positions = sum(len(p) for p in prompts)
-            agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(this, that, strict=True))
-            result = {
-                "mode": "full",
-                "checks": f"logits of {len(prompts)} prompts ({positions} positions), onto original vs dequantized",
-                "max_abs_logit_diff": max(float(d.max()) for d in diff),
-                "mean_abs_logit_diff": float(torch.cat([d.flatten() for d in diff]).mean()),
-                "logit_range": max(float(a.abs().max()) for a in this),
-                "top1_agreement": agree / positions,
-            }
-            console.print(
-                f"onto {plan.onto} vs {other}: max |Δlogit| {result['max_abs_logit_diff']:.3f}, "
-                f"mean {result['mean_abs_logit_diff']:.4f} (logits up to {result['logit_range']:.1f}); "
-                f"top-1 agreement {agree}/{positions}"
-            )
-            return result
-        with CheckpointReader(out_dir) as merged:
-            gen = torch.Generator().manual_seed(0)
-            rel = {}
-            for key in [k for k in sample_targets(plan) if k in plan.quantized]:
-                mine = merged.get(key).double()
-                theirs = build_tensor(plan, key, other).double()
-                if plan.adapter.fan_in_fan_out:
-                    mine, theirs = mine.T, theirs.T
-                x = torch.randn(mine.shape[1], 4, generator=gen, dtype=torch.float64)
-                rel[key] = float(((mine - theirs) @ x).norm() / (mine @ x).norm())
-                del mine, theirs
+
+def compare_onto_full(plan: Plan, out_dir: Path, other: str) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    prompts = _prompt_ids(out_dir, model.config.vocab_size)
+    this = _logits(model, prompts)
+    with torch.no_grad():  # only the 4-bit-quantized weights differ between the two choices
+        for key in sorted(plan.quantized):
+            model.get_parameter(key).data = build_tensor(plan, key, other).float()
+    that = _logits(model, prompts)
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(this, that, strict=True)])
+    positions = sum(len(p) for p in prompts)
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(this, that, strict=True))
     result = {
-        "mode": "layers",
-        "checks": (
-            "relative output difference ||(W_a - W_b) x|| / ||W_a x|| of sampled merged layers, onto original vs "
-            "dequantized; whole-model logits not computed (model too large for the memory bound)"
-        ),
-        "modules": rel,
-        "mean_rel_output_diff": sum(rel.values()) / len(rel) if rel else None,
+        "mode": "full",
+        "checks": f"logits of {len(prompts)} prompts ({positions} positions), whole model in float32",
+        "max_abs_logit_diff": float(diff.max()),
+        "mean_abs_logit_diff": float(diff.mean()),
+        "logit_range": max(float(a.abs().max()) for a in this),
+        "top1_agreement": agree / positions,
     }
     console.print(
-        f"onto {plan.onto} vs {other} (per layer, {len(rel)} modules; the model is too large to run whole "
-        f"here): mean relative output difference {result['mean_rel_output_diff'] or 0:.2e}"
+        f"onto {plan.onto} vs {other}: max |Δlogit| {result['max_abs_logit_diff']:.3f}, "
+        f"mean {result['mean_abs_logit_diff']:.4f} (logits up to {result['logit_range']:.1f}); "
+        f"top-1 agreement {agree}/{positions}"
     )
     return result
 
 
+def compare_onto_layers(plan: Plan, out_dir: Path, other: str) -> dict[str, Any]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    rel = {}
+    with CheckpointReader(out_dir) as merged:
+        for key in sample_layers(sorted(plan.quantized, key=list(plan.base.info).index)):
+            mine = merged.get(key).double()
+            theirs = build_tensor(plan, key, other).double()
+            x = torch.randn(mine.shape[1], 4, generator=gen, dtype=torch.float64)
+            rel[key] = float(((mine - theirs) @ x).norm() / (mine @ x).norm())
+            del mine, theirs
+    mean = sum(rel.values()) / len(rel) if rel else None
+    console.print(
+        f"onto {plan.onto} vs {other}, per layer ({len(rel)} modules; whole-model logits would break the memory "
+        f"bound at this size): mean relative output difference {mean or 0:.2e}"
+    )
+    return {
+        "mode": "layers",
+        "checks": (
+            "||(W_this - W_other) x|| / ||W_this x|| for random x, sampled quantized layers; "
+            "whole-model logits not computed (model too large for the memory bound)"
+        ),
+        "modules": rel,
+        "mean_rel_output_diff": mean,
+    }
+
+
 # --- The stage --------------------------------------------------------------------------------
+
+
+def human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
 
 
 def peak_rss_gib() -> float:
@@ -642,8 +674,8 @@ def peak_rss_gib() -> float:
 def merge_into(plan: Plan, out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Write the merged checkpoint into out_dir (which the caller publishes), then run the checks."""
     console.print(
-        f"merging {plan.adapter.describe()} into {plan.base_dir} ({param_count(plan) / 1e9:.2f}B parameters) "
-        f"as {plan.dtype}, onto {plan.onto}" + (f" {plan.quant.describe()}" if plan.quant else "")
+        f"merging {plan.adapter.describe()} into {plan.base_dir} ({human(param_count(plan))} parameters) "
+        f"as {plan.dtype}, onto {plan.onto}" + (f" {plan.quant.describe()}" if plan.onto == "dequantized" else "")
     )
     t0 = time.monotonic()
     stats = write_checkpoint(plan, out_dir, int(args.shard_size * 1e9))
@@ -677,7 +709,7 @@ def standalone(args: argparse.Namespace) -> None:
     out = args.output.resolve()
     if out.exists():
         raise StageError(f"--output {out} exists; remove it or choose another folder")
-    plan = make_plan(args.base, args.adapter, args.dtype, args.onto, quant_spec(args))
+    plan = make_plan(args.base, args.adapter, args.dtype, args.onto, quant_spec(args), compare=args.compare_onto)
     check_free_disk(out.parent, plan.out_bytes + (64 << 20), "the merged checkpoint")
     tmp = out.parent / f"{names.TMP_PREFIX}{out.name}-{os.getpid()}"
     # Run.
@@ -715,7 +747,15 @@ def pipeline(args: argparse.Namespace) -> None:
     if cfg.merge.onto == "dequantized" and not q.load_in_4bit:
         raise StageError("merge.onto=dequantized needs quantization.load_in_4bit=true: the adapter saw no 4-bit base")
     spec = QuantSpec(q.quant_type, q.double_quant, q.compute_dtype)
-    plan = make_plan(base, adapter_dir, cfg.merge.dtype, cfg.merge.onto, spec, cfg.model.trust_remote_code)
+    plan = make_plan(
+        base,
+        adapter_dir,
+        cfg.merge.dtype,
+        cfg.merge.onto,
+        spec,
+        compare=args.compare_onto,
+        remote=cfg.model.trust_remote_code,
+    )
     check_free_disk(ctx.run_dir, plan.out_bytes + (64 << 20), "the merged checkpoint")
     # Run, then publish with a manifest.
     with stage_output(ctx.run_dir, names.MERGE, owned=(names.MERGED_DIR,)) as out:

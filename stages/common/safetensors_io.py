@@ -56,7 +56,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return nbytes_of(self.dtype, self.shape)
 
     @property
     def numel(self) -> int:
