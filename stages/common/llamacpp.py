@@ -104,7 +104,9 @@ def tool_env() -> dict[str, str]:
 
 
 def _fetch_sdist(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+    # --no-binary for this package only: with ":all:" pip would also build the sdist's build
+    # backend (scikit-build-core, hatchling, ...) from source just to read its metadata.
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", SDIST_PACKAGE]
     cmd += ["-d", str(dest), f"{SDIST_PACKAGE}=={SDIST_VERSION}"]
     # pip prepares the sdist's metadata after saving it; judge by the saved file and its hash.
     subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL)
