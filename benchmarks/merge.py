@@ -257,6 +257,8 @@ def hardware() -> dict:
         "cores": os.cpu_count(),
         "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "available_ram_gib_at_start": round(psutil.virtual_memory().available / 2**30, 1),
+        # The cores may be shared (CI, other jobs): the load says how much of them the runs had.
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
@@ -345,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             }
             print(f"reference skipped: {result['reference']['skipped']}")
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["notes"] = (
+            "Both merges read a base the benchmark has just written, so part of it may still be in the page "
+            "cache, alike for both. Wall times include each process's start-up (imports)."
+        )
         if "wall_s" in result["reference"]:
             result["wall_ratio_ours_over_reference"] = round(
                 result["ours"]["wall_s"] / result["reference"]["wall_s"], 3

@@ -18,10 +18,12 @@ whose headers were planned up front. Resident memory is the Python runtime plus 
 ``PeftModel.from_pretrained(...).merge_and_unload()`` (benchmarks/merge.py measures both).
 
 Exactness: every merged tensor is bit-identical (0 ulp) to peft 0.21's merge_and_unload of the same
-adapter onto the base loaded in the same dtype, on the same torch build and thread count; a
-different BLAS may round the float32 ``B @ A`` differently and move a tensor element by at most
-1 ulp of the output dtype. Covered: plain LoRA, rsLoRA, rank/alpha patterns, modules_to_save,
-LoRA on embeddings, fan_in_fan_out, DoRA. One deliberate difference: with tied input/output
+adapter onto the base loaded in the same dtype (tests/test_merge.py, every variant, float16 and
+bfloat16), on the same torch build and thread count. Elsewhere a different BLAS may round the
+float32 ``B @ A`` differently, which moves an element by at most 1 ulp of the output dtype (except
+where W + BA cancels to far below |B||A|, where the float32 error of the product bounds it).
+Covered: plain LoRA, rsLoRA, rank/alpha patterns, modules_to_save, LoRA on embeddings,
+fan_in_fan_out, DoRA. One deliberate difference: with tied input/output
 embeddings, when the adapter changes one of the two, the output is untied (both tensors written,
 tie_word_embeddings false) so the merged model computes what base+adapter computed; peft adds the
 delta into the shared tensor and so changes the other one too.
