@@ -1,13 +1,15 @@
 # GGUF image: the pinned llama.cpp (quantize, completion, perplexity, imatrix, bench, tokenize,
-# export-lora), its converters and gguf-py, and their Python dependencies (CPU torch). Runs the
-# convert, quantize, smoke and evaluate stages.
-#   docker build -f images/gguf.Dockerfile -t kiln-gguf .              (invoke build --stage gguf)
-# Build args and the optional CA secret: as in merge.Dockerfile.
+# export-lora), its converters, gguf-py and the ctypes bindings, and their Python dependencies (CPU
+# torch). Runs the convert, quantize, smoke and evaluate stages. No compiler: the builder stage has it.
+#   DOCKER_BUILDKIT=1 docker build -f images/gguf.Dockerfile -t kiln-gguf .   (invoke build --stage gguf)
+# Build args: BASE_IMAGE, TORCH_INDEX_URL, UID, GID (as in merge.Dockerfile); JOBS, parallel compile
+# jobs (default: all cores). Optional CA secret for TLS-intercepting proxies: as in merge.Dockerfile.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --- builder: compiles llama.cpp with the same code the local runtime uses ------------------
 FROM ${BASE_IMAGE} AS builder
-ARG JOBS=2
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ARG JOBS=
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 RUN set -eux; \
     apt-get update; \
@@ -20,25 +22,37 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     set -eux; \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    pip install --no-compile -c /opt/constraints.txt rich pydantic pyyaml; \
+    pip install --no-compile -c /opt/constraints.txt rich; \
     python -c 'import rich'
+# Only what `python -m stages.common.llamacpp build` imports, so that other source changes keep this
+# layer. The build tree lives in a cache mount keyed by llamacpp.py's hash: when only names.py or
+# errors.py changed, the build is a no-op and this layer takes seconds; when llamacpp.py changed
+# (version, flags, tools), it starts from scratch.
 WORKDIR /src
-COPY stages/__init__.py /src/stages/__init__.py
-COPY stages/common /src/stages/common
-RUN --mount=type=secret,id=ca \
+COPY stages/__init__.py stages/
+COPY stages/common/__init__.py stages/common/names.py stages/common/errors.py stages/common/llamacpp.py stages/common/
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=cache,id=kiln-llama.cpp,target=/opt/llama.cpp,sharing=locked \
+    --mount=type=secret,id=ca \
     set -eux; \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
-    python -m stages.common.llamacpp build --prefix /opt/llama.cpp --jobs "${JOBS}"; \
+    key="$(sha256sum stages/common/llamacpp.py | cut -d' ' -f1)"; \
+    if [ "$(cat /opt/llama.cpp/.kiln-key 2>/dev/null || true)" != "$key" ]; then \
+        find /opt/llama.cpp -mindepth 1 -delete; \
+    fi; \
+    python -m stages.common.llamacpp build --prefix /opt/llama.cpp ${JOBS:+--jobs "$JOBS"}; \
+    echo "$key" > /opt/llama.cpp/.kiln-key; \
     mkdir -p /opt/out/build/bin /opt/out/src; \
     cp -a /opt/llama.cpp/build/bin/. /opt/out/build/bin/; \
-    for f in convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py python; do \
+    for f in LICENSE convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py python; do \
         cp -a "/opt/llama.cpp/src/$f" /opt/out/src/; \
     done; \
     cp /opt/llama.cpp/.kiln-built /opt/out/; \
-    LD_LIBRARY_PATH=/opt/out/build/bin /opt/out/build/bin/llama-quantize --help > /dev/null 2>&1 || [ $? -eq 1 ]
+    LD_LIBRARY_PATH=/opt/out/build/bin /opt/out/build/bin/llama-completion --version
 
 # --- runtime: binaries, converter, Python deps; no compiler ---------------------------------
 FROM ${BASE_IMAGE}
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG UID=10001
 ARG GID=10001
@@ -57,6 +71,8 @@ RUN set -eux; \
     mkdir -p /work; \
     python3 --version
 
+# The converter's and the bindings' dependencies (llama.cpp's requirements, CPU torch); gguf-py itself
+# comes from the pinned tree, not from PyPI.
 COPY requirements/constraints.txt /opt/constraints.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
@@ -67,12 +83,16 @@ RUN --mount=type=cache,target=/root/.cache/pip \
         -c /opt/constraints.txt torch; \
     pip install --no-compile -c /opt/constraints.txt transformers safetensors sentencepiece protobuf numpy jinja2 \
         diskcache typing_extensions pydantic pyyaml rich psutil; \
-    python -c 'import torch, transformers, sentencepiece, jinja2; assert not torch.version.cuda'
+    if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
+    python -c 'import torch, transformers, sentencepiece, jinja2; assert not torch.version.cuda, torch.version.cuda'
 
+# Smoke tests: no compiler came along; llama-quantize finds its shared libraries (its --help lists the
+# quant types, then exits 1); the converter imports with its dependencies.
 COPY --from=builder /opt/out /opt/llama.cpp
 RUN set -eux; \
-    if command -v cc gcc g++ cmake; then echo "a compiler in the runtime image" >&2; exit 1; fi; \
-    LD_LIBRARY_PATH=/opt/llama.cpp/build/bin /opt/llama.cpp/build/bin/llama-completion --version
+    if command -v cc gcc g++ c++ cmake make; then echo "a compiler in the runtime image" >&2; exit 1; fi; \
+    (LD_LIBRARY_PATH=/opt/llama.cpp/build/bin /opt/llama.cpp/build/bin/llama-quantize --help || true) | grep Q4_K_M; \
+    PYTHONPATH=/opt/llama.cpp/src/gguf-py python /opt/llama.cpp/src/convert_hf_to_gguf.py --help > /dev/null
 
 WORKDIR /work
 COPY stages /work/stages

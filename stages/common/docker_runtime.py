@@ -6,6 +6,10 @@ paths under /work, as the invoking user, with a read-only root filesystem and a 
 merge and gguf stages get no network. Secrets (HF_TOKEN) are passed from the environment at run
 time only. Images are built with BuildKit by Debian's docker client (20.10), whose built-in
 BuildKit needs no buildx plugin.
+
+    build_image("merge", base="kiln-base:bookworm", torch_index_url="", ca_bundle=Path(...))  # invoke build
+    make_base_image()                                                                          # invoke base-image
+    DockerRuntime().command("merge", ["--config", "runs/demo/config.yaml"])                    # invoke pipeline
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from stages.common.errors import StageError
 from stages.common.runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[2]
-# Debian's client speaks BuildKit without buildx; a newer client without the plugin does not.
-DOCKER = os.environ.get("KILN_DOCKER", "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
+# The client: $KILN_DOCKER, else /usr/bin/docker, else the first on PATH. /usr/bin/docker is Debian's
+# docker.io client (20.10: the engine's built-in BuildKit, no buildx plugin needed) or Docker CE's
+# (with buildx); a client elsewhere on PATH may lack buildx, and then cannot build the images.
+DOCKER = os.environ.get("KILN_DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
 IMAGES = {"train": "kiln-train", "merge": "kiln-merge", "gguf": "kiln-gguf"}
 STAGE_IMAGE = {
     names.PREPARE: "merge",
@@ -34,20 +40,21 @@ STAGE_IMAGE = {
     names.SMOKE: "gguf",
     names.EVALUATE: "gguf",
 }
-OFFLINE = {"merge", "gguf"}  # images whose stages never need the network
+OFFLINE = {"merge", "gguf"}  # images whose stages read only runs/ and cache/: no network
 LOCAL_BASE = "kiln-base:bookworm"
 ROOTFS = "kiln-rootfs:bookworm"
 WHEELS = Path(names.CACHE_DIR) / "wheels"
 
 
-def docker(*args: str, capture: bool = False, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([DOCKER, *args], check=check, text=True, capture_output=capture)
+def docker(*args: str, capture: bool = False, check: bool = True, timeout: float | None = None):
+    return subprocess.run([DOCKER, *args], check=check, text=True, capture_output=capture, timeout=timeout)
 
 
 def engine_answers() -> bool:
+    """Whether an engine answers `docker info` within a few seconds (a stuck socket counts as no)."""
     try:
-        return docker("info", capture=True, check=False).returncode == 0
-    except FileNotFoundError:
+        return docker("info", capture=True, check=False, timeout=15).returncode == 0
+    except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
 
 
@@ -56,9 +63,11 @@ def image_id(image: str) -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def has_nvidia_runtime() -> bool:
+def gpu_support() -> bool:
+    """Whether `--gpus` can work: the engine knows the nvidia runtime, or the toolkit's hook is installed."""
     proc = docker("info", "--format", "{{json .Runtimes}}", capture=True, check=False)
-    return proc.returncode == 0 and "nvidia" in proc.stdout
+    runtimes = proc.stdout if proc.returncode == 0 else ""
+    return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
 
 
 class DockerRuntime(Runtime):
@@ -76,31 +85,32 @@ class DockerRuntime(Runtime):
         return image_id(IMAGES[STAGE_IMAGE[stage]]) or "missing"
 
     def command(self, stage: str, args: list[str]) -> list[str]:
-        image = IMAGES[STAGE_IMAGE[stage]]
+        key = STAGE_IMAGE[stage]
+        image = IMAGES[key]
         if image_id(image) is None:
-            raise StageError(f"image {image} not found; build it with `invoke build --stage {STAGE_IMAGE[stage]}`")
+            raise StageError(f"image {image} not found; build it with `invoke build --stage {key}`")
         cwd = Path.cwd()
         for sub in (names.RUNS_DIR, names.CACHE_DIR):
             (cwd / sub).mkdir(exist_ok=True)
             if not os.access(cwd / sub, os.W_OK):
                 raise StageError(f"{cwd / sub} is not writable by uid {os.getuid()}; fix its owner or permissions")
-        cmd = [DOCKER, "run", "--rm", "--user", f"{os.getuid()}:{os.getgid()}"]
+        # --init: python is not PID 1, so docker stop and Ctrl-C reach it; --read-only: only the mounts
+        # and /tmp are writable (HOME and the caches point there, see the Dockerfiles).
+        cmd = [DOCKER, "run", "--rm", "--init", "--user", f"{os.getuid()}:{os.getgid()}"]
         cmd += ["--read-only", "--tmpfs", "/tmp:exec", "--workdir", "/work"]
-        cmd += [
-            "-v",
-            f"{cwd / names.RUNS_DIR}:/work/{names.RUNS_DIR}",
-            "-v",
-            f"{cwd / names.CACHE_DIR}:/work/{names.CACHE_DIR}",
-        ]
+        for sub in (names.RUNS_DIR, names.CACHE_DIR):
+            cmd += ["-v", f"{cwd / sub}:/work/{sub}"]
         if (cwd / "data").is_dir():
             cmd += ["-v", f"{cwd / 'data'}:/work/data:ro"]
-        if STAGE_IMAGE[stage] in OFFLINE:
-            cmd += ["--network", "none"]
-        if stage == names.TRAIN:
+        if key in OFFLINE:
+            cmd += ["--network", "none", "-e", "HF_HUB_OFFLINE=1"]
+        if key == "train":
+            cmd += ["--shm-size", "8g"]  # NCCL and DataLoader workers share memory through /dev/shm (64 MB)
             if "HF_TOKEN" in os.environ:
-                cmd += ["-e", "HF_TOKEN"]  # the value stays in this process's environment
-            if has_nvidia_runtime() and os.environ.get("KILN_GPUS", "all") != "none":
-                cmd += ["--gpus", os.environ.get("KILN_GPUS", "all")]
+                cmd += ["-e", "HF_TOKEN"]  # by name: the value stays in this process's environment
+            gpus = os.environ.get("KILN_GPUS", "all")
+            if gpus != "none" and gpu_support():
+                cmd += ["--gpus", gpus]
         return [*cmd, image, "python", "-m", f"stages.{stage}", *args]
 
 
@@ -128,41 +138,75 @@ def build_image(
             raise StageError(f"--ca-bundle {ca_bundle} not found; pass the PEM file your proxy's CA is in")
         cmd += ["--secret", f"id=ca,src={ca_bundle}"]  # a BuildKit secret: never in a layer
     cmd.append(str(REPO))
-    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=_buildkit_env())
     return image_id(IMAGES[image]) or ""
+
+
+def _buildkit_env() -> dict[str, str]:
+    return {**os.environ, "DOCKER_BUILDKIT": "1"}
+
+
+# What Debian's own container images (debuerreotype's "slim" variant) set in the rootfs: no docs, man
+# pages or translations from later installs, and apt keeps no package files or caches in a layer.
+SLIM_FILES = {
+    "etc/dpkg/dpkg.cfg.d/kiln-slim": (
+        "path-exclude /usr/share/doc/*\n"
+        "path-include /usr/share/doc/*/copyright\n"
+        "path-exclude /usr/share/man/*\n"
+        "path-exclude /usr/share/info/*\n"
+        "path-exclude /usr/share/locale/*\n"
+        "path-exclude /usr/share/lintian/*\n"
+    ),
+    "etc/apt/apt.conf.d/kiln-clean": (
+        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
+        'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
+        'Dir::Cache::pkgcache "";\n'
+        'Dir::Cache::srcpkgcache "";\n'
+        'Acquire::Languages "none";\n'
+    ),
+}
+SLIM_GLOBS = ("usr/share/man/*", "usr/share/info/*", "usr/share/locale/*", "var/cache/apt/*.bin")
+
+
+def _slim_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
+    """Apply SLIM_FILES, drop what they would have kept out, and add the suite's updates and security."""
+    for rel, text in SLIM_FILES.items():
+        (rootfs / rel).write_text(text)
+    doomed = [path for pattern in SLIM_GLOBS for path in rootfs.glob(pattern)]
+    doomed += [doc for doc in rootfs.glob("usr/share/doc/*/*") if doc.name != "copyright"]
+    for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):  # files only: apt needs partial/ and lock
+        doomed += [path for path in (rootfs / folder).glob("*") if path.is_file() and path.name != "lock"]
+    for path in doomed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)  # doc folders may be symlinks to one another
+    security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
+    (rootfs / "etc/apt/sources.list").write_text(
+        f"deb {mirror} {suite} main\ndeb {mirror} {suite}-updates main\ndeb {security} {suite}-security main\n"
+    )
 
 
 def make_base_image(
     tag: str = LOCAL_BASE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian"
 ) -> str:
-    """A python3 Debian base without any registry: debootstrap, docker import, then python3 + venv."""
-    if shutil.which("debootstrap") is None:
-        raise StageError("debootstrap not found; apt-get install debootstrap")
+    """A python3 Debian base without any registry: debootstrap, docker import, then python3 + venv.
+
+    The rootfs (ROOTFS) is made once and reused; delete that image to make it again.
+    """
     if image_id(ROOTFS) is None:
+        if shutil.which("debootstrap") is None:
+            raise StageError("debootstrap not found; apt-get install debootstrap")
         with tempfile.TemporaryDirectory() as tmp:
             rootfs = Path(tmp) / "rootfs"
             subprocess.run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror], check=True)
-            tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run([DOCKER, "import", "-", ROOTFS], stdin=tar.stdout, check=True)
+            _slim_rootfs(rootfs, suite, mirror)
+            tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+            subprocess.run([DOCKER, "import", "--change", 'CMD ["bash"]', "-", ROOTFS], stdin=tar.stdout, check=True)
             if tar.wait() != 0:
                 raise StageError("tar of the debootstrap rootfs failed")
-    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
-    subprocess.run(
-        [
-            DOCKER,
-            "build",
-            "-f",
-            str(REPO / "images" / "base.Dockerfile"),
-            "--build-arg",
-            f"ROOTFS_IMAGE={ROOTFS}",
-            "-t",
-            tag,
-            str(REPO),
-        ],
-        check=True,
-        env=env,
-    )
+    cmd = [DOCKER, "build", "-f", str(REPO / "images" / "base.Dockerfile"), "--build-arg", f"ROOTFS_IMAGE={ROOTFS}"]
+    subprocess.run([*cmd, "-t", tag, str(REPO)], check=True, env=_buildkit_env())
     return tag
 
 
