@@ -1,6 +1,7 @@
 """Benchmark the merge stage against the reference merge (peft's merge_and_unload) on a random model.
 
     python benchmarks/merge.py --size 7b                       # Mistral-7B shapes; reference only if RAM allows
+    python benchmarks/merge.py --size 7b --stage-args '--verify --compare-onto'   # checks inside the bound too
     python benchmarks/merge.py --size 1b --reference yes       # both, at a size where both fit
     python benchmarks/merge.py --size tiny --workdir /tmp/b    # seconds; what the tests run
 
@@ -28,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -274,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the workdir (checkpoints, outputs, logs)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="folder for the JSON")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--stage-args",
+        default="",
+        help="extra arguments for our merge, e.g. '--verify --compare-onto' (its metrics keep merge-only numbers)",
+    )
     parser.add_argument("--reference-merge", nargs=3, metavar=("BASE", "ADAPTER", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_merge:  # the child process of the reference measurement
@@ -315,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = work / "ours-metrics.json"
         cmd = [sys.executable, "-m", "stages.merge", "--base", str(base), "--adapter", str(adapter)]
         cmd += ["--output", str(ours_out), "--dtype", "float16", "--metrics-json", str(metrics)]
+        cmd += shlex.split(args.stage_args)
         result["ours"] = measure(cmd, work / "ours.log")
         if metrics.is_file():
             result["ours"]["stage_metrics"] = json.loads(metrics.read_text())
