@@ -3,6 +3,7 @@
 # transformers. Runs the train stage on a GPU, or on the CPU (bitsandbytes' CPU backend).
 #   docker build -f images/train.Dockerfile -t kiln-train .            (invoke build --stage train)
 # Build args: BASE_IMAGE, UID, GID. Optional CA secret: as in merge.Dockerfile.
+# NVIDIA_DRIVER_CAPABILITIES: what the container toolkit mounts from the host driver (CUDA, nvidia-smi).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -14,7 +15,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     HF_HOME=/work/cache/hf \
-    TRITON_CACHE_DIR=/tmp/triton
+    TRITON_CACHE_DIR=/tmp/triton \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN set -eux; \
     groupadd --gid "${GID}" kiln; \

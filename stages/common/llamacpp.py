@@ -121,12 +121,15 @@ def _fetch_sdist(dest: Path) -> Path:
 
 def _extract(sdist: Path, dest: Path) -> None:
     top = f"llama_cpp_python-{SDIST_VERSION}/"
+    # The "data" filter came in 3.11.4; Debian 12's python3 (3.11.2, the local base image's) lacks it.
+    # The sdist's sha256 is verified before this, so the older extract is safe too.
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
             for prefix, target in ((top + "vendor/llama.cpp/", ""), (top + "llama_cpp/", "python/llama_cpp/")):
                 if member.name.startswith(prefix) and member.name != prefix.rstrip("/"):
                     member.name = target + member.name[len(prefix) :]
-                    tar.extract(member, dest, filter="data")
+                    tar.extract(member, dest, **safe)
 
 
 def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None) -> Path:
