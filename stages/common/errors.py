@@ -9,7 +9,7 @@ from collections.abc import Callable
 from rich.console import Console
 from rich.markup import escape
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)  # one error, one line: never wrapped
 
 EXIT_STAGE_ERROR = 2
 
