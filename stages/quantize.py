@@ -5,71 +5,157 @@
 
 Reads runs/<run>/gguf/<run_name>.<outtype>.gguf (checked against the convert manifest) and
 writes runs/<run>/gguf/<run_name>.<TYPE>.gguf for each of gguf.quant_types with llama-quantize,
-recording each file's size and measured bits per weight.
+recording each file's size, its measured bits per weight next to the type's nominal one, and how
+many tensors llama.cpp had to quantize with a fallback type (rows not a multiple of 256 cannot
+take k-quants; small models such as SmolLM2 hit this, so their files come out larger).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stages.common import llamacpp, names
 from stages.common.artifacts import check_free_disk, stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.errors import StageError, console, run_stage
+from stages.common.gguf_runtime import read_gguf
+
+QUANTIZE_TOOL = "llama-quantize"
+TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")  # "[  12/ 272] blk.1.attn_k.weight ..."
+FALLBACK_LINE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """One entry of the menu of quant types a config may ask for."""
+
+    name: str  # as written in gguf.quant_types and in file names
+    llama_type: str  # llama-quantize's type argument
+    nominal_bpw: float  # bits per weight on a 7B-class model (llama.cpp's table)
+
+
+REGISTRY: dict[str, QuantType] = {}
+
+
+def register(qtype: QuantType) -> QuantType:
+    REGISTRY[qtype.name] = qtype
+    return qtype
+
+
+# The accepted types and their nominal sizes live in names.QUANT_TYPES; each is its own
+# llama-quantize type. An alias or a type with extra llama-quantize options registers here.
+for _name, _bpw in names.QUANT_TYPES.items():
+    register(QuantType(_name, _name, _bpw))
+
+
+def lookup(types: list[str]) -> list[QuantType]:
+    """The registry entries for `types`; StageError naming every unknown one and the valid ones."""
+    unknown = [t for t in types if t not in REGISTRY]
+    if unknown:
+        raise StageError(
+            f"gguf.quant_types: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(REGISTRY)} "
+            "(register another in stages/quantize.py)"
+        )
+    return [REGISTRY[t] for t in types]
 
 
 def check_types(types: list[str]) -> None:
-    unknown = [t for t in types if t not in names.QUANT_TYPES]
-    if unknown:
-        raise StageError(f"gguf.quant_types: unknown {', '.join(unknown)}; valid: {', '.join(names.QUANT_TYPES)}")
+    lookup(types)
 
 
-def n_params(gguf_path: Path) -> int:
-    from gguf import GGUFReader
-
-    return sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
-
-
-def quantize_file(src: Path, dst: Path, qtype: str, token_embedding_type: str | None = None) -> None:
-    cmd = [str(llamacpp.tool("llama-quantize"))]
+def quantize_file(
+    src: Path,
+    dst: Path,
+    qtype: str,
+    token_embedding_type: str | None = None,
+    imatrix: Path | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """llama-quantize `src` to `dst` at `qtype`; returns how many tensors needed a fallback type."""
+    llama_type = REGISTRY[qtype].llama_type if qtype in REGISTRY else qtype
+    cmd = [str(llamacpp.tool(QUANTIZE_TOOL))]
     if token_embedding_type:
         cmd += ["--token-embedding-type", token_embedding_type]
-    cmd += [str(src), str(dst), qtype, str(os.cpu_count() or 1)]
-    proc = subprocess.run(cmd, env=llamacpp.tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if proc.returncode != 0 or not dst.is_file():
-        sys.stdout.write(proc.stdout)
-        last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-        raise StageError(f"llama-quantize {qtype} failed on {src.name} (exit {proc.returncode}): {last}")
+    if imatrix:
+        cmd += ["--imatrix", str(imatrix)]
+    cmd += [str(src), str(dst), llama_type, str(os.cpu_count() or 1)]
+    task = progress.add_task(qtype, total=None) if progress else None
+    lines: list[str] = []
+    fallback = 0
+    proc = subprocess.Popen(
+        cmd,
+        env=llamacpp.tool_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if (m := TENSOR_LINE.match(line)) and progress and task is not None:
+            progress.update(task, completed=int(m[1]), total=int(m[2]))
+        elif m := FALLBACK_LINE.search(line):
+            fallback = int(m[1])
+    rc = proc.wait()
+    if rc != 0 or not dst.is_file():
+        console.print("".join(lines[-20:]), markup=False, highlight=False)
+        errors = [ln.strip() for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+        last = errors[-1] if errors else (lines[-1].strip() if lines else "no output")
+        raise StageError(f"{QUANTIZE_TOOL} {qtype} failed on {src.name} (exit {rc}): {last}")
+    return fallback
 
 
 def quantize(ctx: StageContext) -> None:
     cfg, run_dir = ctx.cfg, ctx.run_dir
 
-    # Setup.
-    check_types(cfg.gguf.quant_types)
+    # Setup: every type known and the tool present before any work; then the source and the disk.
+    qtypes = lookup(cfg.gguf.quant_types)
+    llamacpp.tool(QUANTIZE_TOOL)
     verify_manifest(run_dir, names.CONVERT)
     src = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.gguf.outtype)
-    need = sum(int(src.stat().st_size * names.QUANT_TYPES[t] / 16 * 1.1) for t in cfg.gguf.quant_types)
+    source = read_gguf(src)
+    # Nominal size + 10%, plus the vocab and metadata each file repeats. Models too narrow for
+    # k-quants come out larger (fallback types), but those are small models.
+    extra = source.size_bytes - source.tensor_bytes
+    need = sum(int(source.n_params * q.nominal_bpw / 8 * 1.1) + extra for q in qtypes)
     check_free_disk(run_dir, need, "the quantized GGUFs")
-    params = n_params(src)
 
     # Run.
     with stage_output(run_dir, names.QUANTIZE) as out:
         files = {}
-        for qtype in cfg.gguf.quant_types:
-            dst = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, qtype)}")
-            quantize_file(src, dst, qtype, cfg.gguf.token_embedding_type)
-            size = dst.stat().st_size
-            files[qtype] = {"size_bytes": size, "bits_per_weight": round(size * 8 / params, 3)}
-            console.print(f"{qtype}: {size / 2**20:.1f} MiB, {files[qtype]['bits_per_weight']} bits/weight")
+        columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            for q in qtypes:
+                dst = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, q.name)}")
+                fallback = quantize_file(src, dst, q.name, cfg.gguf.token_embedding_type, progress=progress)
+                info = read_gguf(dst)
+                files[q.name] = {
+                    "size_bytes": info.size_bytes,
+                    "bits_per_weight": round(info.bits_per_weight, 3),
+                    "nominal_bits_per_weight": q.nominal_bpw,
+                    "fallback_tensors": fallback,
+                    "file_type": info.file_type,
+                    "tensor_types": info.tensor_types,
+                }
+                n_tensors = sum(info.tensor_types.values())
+                progress.console.print(
+                    f"{q.name}: {info.size_bytes / 2**20:.1f} MiB, {info.bits_per_weight:.2f} bits/weight "
+                    f"(nominal {q.nominal_bpw}), {fallback} of {n_tensors} tensors on a fallback type",
+                    soft_wrap=True,
+                )
 
         # Cleanup.
         out.commit(
-            inputs={"source": src.name},
-            metrics={"n_params": params, "types": files},
+            inputs={"source": src.name, "token_embedding_type": cfg.gguf.token_embedding_type},
+            metrics={"n_params": source.n_params, "types": files},
             extra={names.M_LLAMA_CPP: llamacpp.info()},
         )
 
