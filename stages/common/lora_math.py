@@ -67,10 +67,6 @@ class Target:
     scaling: float = 0.0
     rank: int = 0
 
-    @property
-    def weight(self) -> str:
-        return f"{self.module}.weight"
-
 
 @dataclass
 class Adapter:
