@@ -155,7 +155,12 @@ def quantize(ctx: StageContext) -> None:
         # Cleanup.
         out.commit(
             inputs={"source": src.name, "token_embedding_type": cfg.gguf.token_embedding_type},
-            metrics={"n_params": source.n_params, "types": files},
+            metrics={
+                "n_params": source.n_params,
+                # One line for the run summary's table, which shows scalar metrics only.
+                "bits_per_weight": ", ".join(f"{t} {f['bits_per_weight']:.2f}" for t, f in files.items()),
+                "types": files,
+            },
             extra={names.M_LLAMA_CPP: llamacpp.info()},
         )
 

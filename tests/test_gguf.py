@@ -346,7 +346,13 @@ def demo_run(tmp_path_factory, llama_cpp_built):
         "smol",
         # The demo's own GGUF settings (f16 token embeddings: its output layer is tied to them).
         gguf={**demo["gguf"], "quant_types": ["Q8_0", "Q4_K_M"]},
-        smoke={"messages": [*demo["smoke"]["messages"], "What is 2 + 2?"], "quant_type": "Q4_K_M", "max_tokens": 64},
+        # Questions the base model answers briefly; the demo's own smoke message is for the fine-tuned
+        # model (tests/test_demo.py): the base rambles about it for 58 of the 64 tokens allowed.
+        smoke={
+            "messages": ["What is 2 + 2?", "Write one word: yes or no."],
+            "quant_type": "Q4_K_M",
+            "max_tokens": demo["smoke"]["max_tokens"],
+        },
     )
     assert run(convert, cfg_path, run_dir) == 0
     assert run(quantize, cfg_path, run_dir) == 0
@@ -404,3 +410,30 @@ def test_demo_smoke_passes_on_q4_k_m(demo_run):
     smoke_manifest = manifest(run_dir, names.SMOKE)
     assert smoke_manifest["inputs"]["gguf"] == "smol.Q4_K_M.gguf"
     assert all(a["stopped_at_eos"] and a["output"].strip() for a in smoke_manifest[names.M_METRICS]["answers"])
+
+
+@pytest.mark.demo
+def test_demo_chat_tokens_and_special_tokens_match_hf(demo_run):
+    """SmolLM2 (BPE, ChatML template with a default system prompt): the GGUF's template, rendered and
+    tokenized by llama.cpp's rules, gives HF's apply_chat_template ids; its special tokens are HF's."""
+    from transformers import AutoTokenizer
+
+    _, run_dir = demo_run
+    tok = AutoTokenizer.from_pretrained(SMOLLM2)
+    info = read_gguf(gguf_path(run_dir, "Q4_K_M"))
+    assert info.get("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert info.get("tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert info.get("tokenizer.ggml.add_bos_token") is (tok("a").input_ids[0] == tok.bos_token_id)
+    conversations = [
+        [{"role": "user", "content": "What is 2 + 2?"}],
+        [
+            {"role": "system", "content": "Answer with the date only."},
+            {"role": "user", "content": "Rewrite in ISO 8601: March 7, 2021"},
+            {"role": "assistant", "content": "2021-03-07"},
+            {"role": "user", "content": "And the 4th of July, 1999?"},
+        ],
+    ]
+    with GGUFModel(gguf_path(run_dir, "Q4_K_M"), n_ctx=512) as gguf:
+        for conversation in conversations:
+            want = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+            assert gguf.prompt_tokens(gguf.chat_prompt(conversation)) == want
