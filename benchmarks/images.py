@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from datetime import UTC, datetime
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         d.docker("builder", "prune", "-af", capture=True)
     results = {}
     for image in args.images.split(","):
-        r = results[image] = {"cold" if args.cold else "first": timed_build(image, opts)}
+        r = results[image] = {"load_average_before": round(os.getloadavg()[0], 1)}
+        r["cold" if args.cold else "first"] = timed_build(image, opts)
         r["no_change"] = timed_build(image, opts)
         PROBE.write_text('"""Written and removed by benchmarks/images.py."""\n')
         try:
@@ -72,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         "base": args.base or "Dockerfile default",
         "torch_index_url": args.torch_index_url,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "kernel": platform.release()},
+        "note": "the host's 2 cores are shared with other work; load_average_before shows how busy they were",
         "docker_client": d.DOCKER,
         "engine": engine_version(),
-        "command": "python benchmarks/images.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/images.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "measured_at": stamp,
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/work/cache/hf \
     KILN_LLAMA_CPP=/opt/llama.cpp
 
+# libgomp1: the OpenMP runtime the ggml CPU backend links against (the compiler stays in the builder).
 RUN set -eux; \
+    apt-get update; \
+    apt-get install -y --no-install-recommends libgomp1; \
+    rm -rf /var/lib/apt/lists/*; \
     groupadd --gid "${GID}" kiln; \
     useradd --uid "${UID}" --gid kiln --no-create-home --home-dir /tmp kiln; \
     python3 -m venv /opt/venv; \
