@@ -22,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from stages.common import names
 from stages.common.errors import StageError
 
@@ -136,8 +138,9 @@ class StageOutput:
         self.stage = stage
         self.owned = owned  # top-level entries this stage replaces whole (e.g. "adapter")
         self.staging = run_dir / f"{names.TMP_PREFIX}{stage}-{os.getpid()}"
-        self.started = time.monotonic()
-        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+        # The stage's duration is its process's: some stages open their staging area only to commit.
+        self.started = psutil.Process().create_time()
+        self.started_at = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="seconds")
 
     def path(self, rel: str) -> Path:
         """Where to write what will end up at run_dir/rel."""
@@ -164,7 +167,7 @@ class StageOutput:
             names.M_STAGE: self.stage,
             names.M_STATUS: "complete",
             names.M_STARTED: self.started_at,
-            names.M_DURATION: round(time.monotonic() - self.started, 3),
+            names.M_DURATION: round(time.time() - self.started, 3),
             names.M_INPUTS: inputs,
             names.M_OUTPUTS: outputs,
             names.M_METRICS: metrics or {},
