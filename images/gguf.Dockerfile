@@ -76,7 +76,8 @@ RUN set -eux; \
     python3 --version
 
 # The converter's and the bindings' dependencies (llama.cpp's requirements, CPU torch); gguf-py itself
-# comes from the pinned tree, not from PyPI.
+# comes from the pinned tree, not from PyPI. Smoke tests with bytecode writing on leave .pyc files for
+# the modules the stages import (the root is read-only at run time): see merge.Dockerfile.
 COPY requirements/constraints.txt /opt/constraints.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
@@ -88,19 +89,24 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-compile -c /opt/constraints.txt transformers safetensors sentencepiece protobuf numpy jinja2 \
         diskcache typing_extensions pydantic pyyaml rich psutil; \
     if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
-    python -c 'import torch, transformers, sentencepiece, jinja2; assert not torch.version.cuda, torch.version.cuda'
+    python -c 'import torch, transformers, sentencepiece, jinja2; assert not torch.version.cuda, torch.version.cuda'; \
+    PYTHONDONTWRITEBYTECODE='' python -c 'import diskcache, numpy, safetensors.torch, sentencepiece, torch; \
+        import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral; \
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer'
 
 # Smoke tests: no compiler came along; llama-quantize finds its shared libraries (its --help lists the
-# quant types, then exits 1); the converter imports with its dependencies.
+# quant types, then exits 1); the converter and the ctypes bindings (against libllama) import.
 COPY --from=builder /opt/out /opt/llama.cpp
 RUN set -eux; \
     if command -v cc gcc g++ c++ cmake make; then echo "a compiler in the runtime image" >&2; exit 1; fi; \
     (LD_LIBRARY_PATH=/opt/llama.cpp/build/bin /opt/llama.cpp/build/bin/llama-quantize --help || true) | grep Q4_K_M; \
-    PYTHONPATH=/opt/llama.cpp/src/gguf-py python /opt/llama.cpp/src/convert_hf_to_gguf.py --help > /dev/null
+    export PYTHONDONTWRITEBYTECODE='' LLAMA_CPP_LIB_PATH=/opt/llama.cpp/build/bin; \
+    PYTHONPATH=/opt/llama.cpp/src/gguf-py python /opt/llama.cpp/src/convert_hf_to_gguf.py --help > /dev/null; \
+    PYTHONPATH=/opt/llama.cpp/src/gguf-py:/opt/llama.cpp/src/python python -c 'import gguf, llama_cpp; print(llama_cpp.__version__)'
 
 WORKDIR /work
 COPY stages /work/stages
-RUN python -c 'import stages.convert, stages.quantize, stages.smoke, stages.evaluate'
+RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.convert, stages.quantize, stages.smoke, stages.evaluate'
 USER ${UID}:${GID}
 ENTRYPOINT []
 CMD ["python", "-m", "stages.convert", "--help"]

@@ -25,6 +25,7 @@ RUN set -eux; \
     mkdir -p /work; \
     python3 --version
 
+# The last smoke test leaves .pyc files for the modules the train stage imports: see merge.Dockerfile.
 COPY requirements/constraints.txt /opt/constraints.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
@@ -32,11 +33,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --no-compile -c /opt/constraints.txt torch transformers peft trl accelerate datasets bitsandbytes \
         safetensors sentencepiece protobuf pydantic pyyaml rich psutil; \
-    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; assert torch.version.cuda, torch.__version__'
+    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; assert torch.version.cuda, torch.__version__'; \
+    PYTHONDONTWRITEBYTECODE='' python -c 'import datasets, peft.tuners.lora, safetensors.torch; \
+        import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral; \
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; from trl import SFTConfig, SFTTrainer'
 
 WORKDIR /work
 COPY stages /work/stages
-RUN python -c 'import stages.train'
+RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.train'
 USER ${UID}:${GID}
 ENTRYPOINT []
 CMD ["python", "-m", "stages.train", "--help"]
