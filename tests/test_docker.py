@@ -161,3 +161,31 @@ def test_demo_rerun_in_containers_is_up_to_date(docker_demo):
     cfg, run, _ = docker_demo
     results = graph.run_pipeline(cfg, run.relative_to(ROOT), docker_runtime.DockerRuntime(), announce=print)
     assert {r.status for r in results} == {"up to date"}
+
+
+def test_demo_cpu_stages_as_a_uid_without_an_account(docker_demo, tmp_path, monkeypatch):
+    """CI runs as root, which hides permission mistakes: merge and convert the demo's adapter as UID 4242
+    (no passwd entry in the image) in a project folder that UID owns, and find every new file its own."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to hand a project folder to another UID")
+    cfg, run, _ = docker_demo
+    uid = 4242
+    model = Path(cfg.model.name_or_path)
+    project = tmp_path / "project"
+    dest = project / names.RUNS_DIR / run.name
+    shutil.copytree(ROOT / model, project / model)
+    shutil.copytree(run / names.ADAPTER_DIR, dest / names.ADAPTER_DIR)
+    shutil.copy2(run / names.RUN_CONFIG, dest / names.RUN_CONFIG)
+    (dest / names.MANIFESTS_DIR).mkdir()
+    shutil.copy2(run / names.MANIFESTS_DIR / f"{names.TRAIN}.json", dest / names.MANIFESTS_DIR)
+    (project / names.CACHE_DIR).mkdir(exist_ok=True)
+    for path in [project, *project.rglob("*")]:
+        os.chown(path, uid, uid)
+    monkeypatch.chdir(project)
+    for stage in (names.MERGE, names.CONVERT):
+        cmd = docker_runtime.DockerRuntime().command(stage, ["--config", f"{dest.relative_to(project)}/config.yaml"])
+        cmd[cmd.index("--user") + 1] = f"{uid}:{uid}"
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, (stage, proc.stderr[-2000:])
+    assert (dest / names.GGUF_DIR / names.gguf_name(run.name, names.DEFAULT_OUTTYPE)).is_file()
+    assert {p.stat().st_uid for p in project.rglob("*")} == {uid}
