@@ -107,10 +107,14 @@ def prepare_rows(cfg: PipelineConfig, tokenizer) -> tuple[list, list, dict[str, 
     return train, held, stats
 
 
-def training_digest(cfg: PipelineConfig) -> str:
-    """What a checkpoint must have been trained with to be resumed."""
+def data_digests(cfg: PipelineConfig) -> dict[str, str]:
+    return {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]}
+
+
+def training_digest(cfg: PipelineConfig, data: dict[str, str]) -> str:
+    """What a checkpoint must have been trained with to be resumed (`data`: the files' sha256)."""
     parts = {k: cfg.model_dump(mode="json")[k] for k in ("model", "data", "quantization", "lora", "training")}
-    parts["files"] = {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]}
+    parts["files"] = data
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -304,7 +308,8 @@ def train(ctx: StageContext) -> None:
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
     ckpt_dir = run_dir / names.CHECKPOINTS_DIR
-    resume = latest_checkpoint(ckpt_dir, training_digest(cfg))
+    data_sha = data_digests(cfg)  # hashed once: the resume check and the manifest both need it
+    resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha))
     console.print(
         f"device: {device}; bitsandbytes 4-bit: {cfg.quantization.load_in_4bit}; "
         f"rows: {len(train_rows)} train, {len(eval_rows)} eval; resume: {resume.name if resume else 'no'}"
@@ -337,7 +342,7 @@ def train(ctx: StageContext) -> None:
                 "model": str(resolved.path),
                 "model_source": resolved.source,
                 "model_revision": resolved.revision or cfg.model.revision,
-                "data": {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]},
+                "data": data_sha,
                 "resumed_from": resume.name if resume else None,
             },
             metrics={

@@ -32,16 +32,6 @@ SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 TMP_PREFIX = ".tmp-"
 
-# Where each stage's final output lives, relative to the run directory.
-STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    TRAIN: (ADAPTER_DIR,),
-    MERGE: (MERGED_DIR,),
-    CONVERT: (GGUF_DIR,),
-    QUANTIZE: (GGUF_DIR,),
-    SMOKE: (),
-    EVALUATE: (EVAL_DIR,),
-}
-
 # Manifest keys.
 M_STAGE = "stage"
 M_STATUS = "status"
