@@ -79,7 +79,7 @@ def _docker_runtime_or_none():
     iterable=["set_", "force"],
 )
 def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, adapter=None, run_dir=None):
-    """Run the whole pipeline: prepare, train, merge, convert, quantize, smoke, evaluate."""
+    """Run the whole pipeline: prepare, train, merge, convert, quantize, report, smoke, evaluate."""
     from stages.common import pipeline as graph
     from stages.common.errors import StageError
 
@@ -106,7 +106,7 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
         raise Exit(code=1)
 
 
-_LLAMA_STAGES = {names.CONVERT, names.QUANTIZE, names.SMOKE, names.EVALUATE}
+_LLAMA_STAGES = {names.CONVERT, names.QUANTIZE, names.REPORT, names.SMOKE, names.EVALUATE}
 
 
 def _print_summary(out, summary) -> None:
@@ -160,7 +160,7 @@ def status(c, config=None, set_=None, run=None, runtime=None):
 def _ensure_llama_cpp(c) -> None:
     from stages.common import llamacpp
 
-    if not (llamacpp.home() / llamacpp.STAMP).is_file():
+    if not llamacpp.is_built():
         c.run(f"{PY} -m stages.common.llamacpp build", echo=True)
 
 
@@ -183,7 +183,7 @@ def setup(c):
 
 @task(
     help={
-        "stage": "stage to run (train, merge, convert, quantize, smoke, evaluate, prepare)",
+        "stage": "stage to run (prepare, train, merge, convert, quantize, report, smoke, evaluate)",
         "config": "pipeline YAML",
         "set_": "override one config value, KEY=VALUE (repeatable)",
         "gpus": "train on N GPUs with accelerate (DDP)",

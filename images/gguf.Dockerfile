@@ -1,6 +1,7 @@
 # GGUF image: the pinned llama.cpp (quantize, completion, perplexity, imatrix, bench, tokenize,
 # export-lora), its converters, gguf-py and the ctypes bindings, and their Python dependencies (CPU
-# torch). Runs the convert, quantize, smoke and evaluate stages. No compiler: the builder stage has it.
+# torch, matplotlib for the report's chart). Runs the convert, quantize, report, smoke and evaluate
+# stages. No compiler: the builder stage has it.
 #   DOCKER_BUILDKIT=1 docker build -f images/gguf.Dockerfile -t kiln-gguf .   (invoke build --stage gguf)
 # Build args: BASE_IMAGE, TORCH_INDEX_URL, UID, GID (as in merge.Dockerfile); JOBS, parallel compile
 # jobs (default: all cores). Optional CA secret for TLS-intercepting proxies: as in merge.Dockerfile.
@@ -87,10 +88,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-compile --find-links /wheels ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         -c /opt/constraints.txt torch; \
     pip install --no-compile -c /opt/constraints.txt transformers safetensors sentencepiece protobuf numpy jinja2 \
-        diskcache typing_extensions pydantic pyyaml rich psutil; \
+        diskcache typing_extensions pydantic pyyaml rich psutil matplotlib; \
     if find /opt/venv -name 'libcudart*' -o -name 'libcublas*' | grep -q .; then echo "CUDA libraries in a CPU image" >&2; exit 1; fi; \
     python -c 'import torch, transformers, sentencepiece, jinja2; assert not torch.version.cuda, torch.version.cuda'; \
     PYTHONDONTWRITEBYTECODE='' python -c 'import diskcache, numpy, safetensors.torch, sentencepiece, torch; \
+        import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot; \
         import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral; \
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer'
 
@@ -106,7 +108,7 @@ RUN set -eux; \
 
 WORKDIR /work
 COPY stages /work/stages
-RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.convert, stages.quantize, stages.smoke, stages.evaluate'
+RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.convert, stages.quantize, stages.report, stages.smoke, stages.evaluate'
 USER ${UID}:${GID}
 ENTRYPOINT []
 CMD ["python", "-m", "stages.convert", "--help"]

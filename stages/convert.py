@@ -8,6 +8,12 @@ convert_hf_to_gguf.py with the gguf-py of the same tree, and writes
 runs/<run>/gguf/<run_name>.<outtype>.gguf (gguf.outtype, f16 by default). Every quantized type
 is made from this one file by the quantize stage. The GGUF's general.* fields name the run and
 its base model; its EOS token is checked against the merged model's before the file is kept.
+
+Chat-template parity (stages/common/chat_template.py) is checked on the f16 file: for a fixed
+set of conversations (built-in ones, smoke.messages, the first held-out prompts), llama.cpp's
+tokens must equal HF's apply_chat_template tokens, with one BOS; the result goes to
+gguf/chat_parity.json. With gguf.lora_adapter (default on), the adapter is also written as
+gguf/<run_name>.lora.f16.gguf with convert_lora_to_gguf.py, for `llama-cli -m base.gguf --lora`.
 """
 
 from __future__ import annotations
@@ -22,12 +28,26 @@ from typing import Any
 
 from stages.common import llamacpp, names
 from stages.common.artifacts import check_free_disk, dir_size, stage_output, verify_manifest
+from stages.common.chat_template import check_parity
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
+from stages.common.data import load_rows
 from stages.common.errors import StageError, console, run_stage
-from stages.common.gguf_runtime import GGUFInfo, gguf_py, read_gguf
+from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
+from stages.common.model import resolve
 
 CONVERTER = "convert_hf_to_gguf.py"
+LORA_CONVERTER = "convert_lora_to_gguf.py"
+# Conversations every parity check covers, whatever the data: one turn, several turns.
+FIXED_CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hello! What can you do?"}],
+    [
+        {"role": "user", "content": "Name a prime number."},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "And one larger than 100, with digits only: no words."},
+    ],
+]
+PARITY_HELD_OUT = 5  # held-out prompts added to the fixed conversations
 # GGUF size relative to a 16-bit merged checkpoint, with room for the vocab and metadata.
 SIZE_FACTOR = {"f32": 2.1, "f16": 1.1, "bf16": 1.1, "q8_0": 0.6}
 TAIL_BYTES = 4096
@@ -62,23 +82,44 @@ def _last_error_line(output: str) -> str:
     return lines[-1] if lines else "no output"
 
 
+def _run_converter(script: str, cmd: list[str], what: Path, outfile: Path) -> None:
+    rc, tail = _stream([sys.executable, str(llamacpp.script(script)), *cmd], llamacpp.tool_env())
+    if rc != 0 or not outfile.is_file():
+        raise StageError(f"{script} failed on {what} (exit {rc}): {_last_error_line(tail)}")
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path) -> None:
+    """The peft adapter as an f16 LoRA GGUF; `base_dir` gives the base model's config."""
+    cmd = [str(adapter_dir), "--base", str(base_dir), "--outfile", str(outfile), "--outtype", "f16"]
+    _run_converter(LORA_CONVERTER, cmd, adapter_dir, outfile)
+
+
+def parity_conversations(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
+    """The fixed conversations, each smoke message, and the first held-out prompts (chat data)."""
+    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
+    out = [system + c for c in FIXED_CONVERSATIONS]
+    out += [[*system, {"role": "user", "content": m}] for m in cfg.smoke.messages]
+    if cfg.data.format != "text":
+        rows, _ = load_rows(cfg.data.eval_files or cfg.data.train_files, cfg.data)
+        out += [r["prompt"] for r in rows[:PARITY_HELD_OUT] if "prompt" in r]
+    return out
+
+
 def convert_checkpoint(
     model_dir: Path, outfile: Path, outtype: str, model_name: str, metadata: dict[str, Any] | None = None
 ) -> None:
     """Run the pinned converter on `model_dir`; `metadata` overrides general.* keys (the
     converter's --metadata file). StageError with the converter's last error line when it fails."""
-    cmd = [sys.executable, str(llamacpp.script(CONVERTER)), str(model_dir), "--outfile", str(outfile)]
+    cmd = [str(model_dir), "--outfile", str(outfile)]
     cmd += ["--outtype", outtype, "--model-name", model_name]
     override = outfile.with_name(outfile.name + ".metadata.json")
     if metadata:
         override.write_text(json.dumps(metadata, indent=1))
         cmd += ["--metadata", str(override)]
     try:
-        rc, tail = _stream(cmd, llamacpp.tool_env())
+        _run_converter(CONVERTER, cmd, model_dir, outfile)
     finally:
         override.unlink(missing_ok=True)
-    if rc != 0 or not outfile.is_file():
-        raise StageError(f"{CONVERTER} failed on {model_dir} (exit {rc}): {_last_error_line(tail)}")
 
 
 def base_model_fields(cfg: PipelineConfig) -> dict[str, Any]:
@@ -132,6 +173,9 @@ def convert(ctx: StageContext) -> None:
 
     # Setup: the merged checkpoint must be complete, and there must be room for the GGUF.
     merge_manifest = verify_manifest(run_dir, names.MERGE)
+    if cfg.gguf.lora_adapter:
+        verify_manifest(run_dir, names.TRAIN)
+        llamacpp.script(LORA_CONVERTER)
     merged = run_dir / names.MERGED_DIR
     llamacpp.script(CONVERTER)
     check_free_disk(run_dir, int(dir_size(merged) * SIZE_FACTOR[cfg.gguf.outtype]), "the GGUF conversion")
@@ -149,11 +193,27 @@ def convert(ctx: StageContext) -> None:
             f"{info.bits_per_weight:.2f} bits/weight ({info.file_type})",
             soft_wrap=True,
         )
+        parity = {"checked": False, "why": "no chat template in the merged model"}
+        if info.get("tokenizer.chat_template"):
+            with GGUFModel(target, n_ctx=2048) as model:
+                parity = {"checked": True, **check_parity(merged, model, parity_conversations(cfg))}
+            console.print(f"chat template parity: {len(parity['conversations'])} conversations, HF == llama.cpp tokens")
+        out.path(f"{names.GGUF_DIR}/{names.PARITY_FILE}").write_text(json.dumps(parity, indent=1) + "\n")
+        lora = None
+        if cfg.gguf.lora_adapter:
+            lora = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, names.LORA_KIND)}")
+            convert_lora(run_dir / names.ADAPTER_DIR, resolve(cfg.model).path, lora)
+            console.print(f"{lora.name}: {lora.stat().st_size / 2**20:.1f} MiB (apply with --lora to the base GGUF)")
 
         # Cleanup: record exactly which llama.cpp made the file, and what is in it.
         out.commit(
             inputs={"merged": names.MERGED_DIR, "merge_outputs": len(merge_manifest[names.M_OUTPUTS])},
-            metrics={"outtype": cfg.gguf.outtype, **info.summary()},
+            metrics={
+                "outtype": cfg.gguf.outtype,
+                "chat_parity": len(parity.get("conversations", [])),
+                "lora_gguf": lora.name if lora else None,
+                **info.summary(),
+            },
             extra={names.M_LLAMA_CPP: llamacpp.info()},
         )
 

@@ -8,6 +8,9 @@ writes runs/<run>/gguf/<run_name>.<TYPE>.gguf for each of gguf.quant_types with 
 recording each file's size, its measured bits per weight next to the type's nominal one, and how
 many tensors llama.cpp had to quantize with a fallback type (rows not a multiple of 256 cannot
 take k-quants; small models such as SmolLM2 hit this, so their files come out larger).
+
+With gguf.imatrix, llama-imatrix first measures which weights matter on the run's own training
+text (gguf/imatrix.gguf, gguf.imatrix_chunks chunks) and every type is quantized with it.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from stages.common import llamacpp, names
 from stages.common.artifacts import check_free_disk, stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
+from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import read_gguf
 
 QUANTIZE_TOOL = "llama-quantize"
+IMATRIX_TOOL = "llama-imatrix"
+IMATRIX_CTX = 512
 TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")  # "[  12/ 272] blk.1.attn_k.weight ..."
 FALLBACK_LINE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
 
@@ -113,6 +119,21 @@ def quantize_file(
     return fallback
 
 
+def compute_imatrix(model: Path, text: str, out_file: Path, chunks: int) -> None:
+    """llama-imatrix over `text` with `model` (the f16 GGUF); StageError with its last line on failure."""
+    text_file = out_file.with_name(out_file.name + ".txt")
+    text_file.write_text(text)
+    cmd = [str(llamacpp.tool(IMATRIX_TOOL)), "-m", str(model), "-f", str(text_file), "-o", str(out_file)]
+    cmd += ["-c", str(IMATRIX_CTX), "--chunks", str(chunks), "-t", str(os.cpu_count() or 1), "--no-ppl"]
+    try:
+        proc = subprocess.run(cmd, env=llamacpp.tool_env(), capture_output=True, text=True, errors="replace")
+    finally:
+        text_file.unlink(missing_ok=True)
+    if proc.returncode != 0 or not out_file.is_file():
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        raise StageError(f"{IMATRIX_TOOL} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+
+
 def quantize(ctx: StageContext) -> None:
     cfg, run_dir = ctx.cfg, ctx.run_dir
 
@@ -130,12 +151,21 @@ def quantize(ctx: StageContext) -> None:
 
     # Run.
     with stage_output(run_dir, names.QUANTIZE) as out:
+        imatrix = None
+        if cfg.gguf.imatrix:
+            imatrix = out.path(f"{names.GGUF_DIR}/{names.IMATRIX_FILE}")
+            text = plain_text(train_and_held_out(cfg.data, cfg.training.seed)[0])
+            with console.status(f"{IMATRIX_TOOL}: {cfg.gguf.imatrix_chunks} chunks of training text"):
+                compute_imatrix(src, text, imatrix, cfg.gguf.imatrix_chunks)
+            console.print(f"importance matrix: {imatrix.name} from {len(text) / 1e3:.0f} k characters of training text")
         files = {}
         columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             for q in qtypes:
                 dst = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, q.name)}")
-                fallback = quantize_file(src, dst, q.name, cfg.gguf.token_embedding_type, progress=progress)
+                fallback = quantize_file(
+                    src, dst, q.name, cfg.gguf.token_embedding_type, imatrix=imatrix, progress=progress
+                )
                 info = read_gguf(dst)
                 files[q.name] = {
                     "size_bytes": info.size_bytes,
@@ -154,7 +184,11 @@ def quantize(ctx: StageContext) -> None:
 
         # Cleanup.
         out.commit(
-            inputs={"source": src.name, "token_embedding_type": cfg.gguf.token_embedding_type},
+            inputs={
+                "source": src.name,
+                "token_embedding_type": cfg.gguf.token_embedding_type,
+                "imatrix": imatrix.name if imatrix else None,
+            },
             metrics={
                 "n_params": source.n_params,
                 # One line for the run summary's table, which shows scalar metrics only.

@@ -19,8 +19,8 @@ def tiny_mistral(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_cpp_built() -> Path:
-    if not (llamacpp.home() / llamacpp.STAMP).is_file():
-        pytest.skip("pinned llama.cpp not built; run `invoke llama-cpp` (the CI builds it)")
+    if not llamacpp.is_built():
+        pytest.skip("pinned llama.cpp (this version and patch) not built; run `invoke llama-cpp` (the CI builds it)")
     return llamacpp.home()
 
 

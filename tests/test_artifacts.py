@@ -133,3 +133,18 @@ def test_sigkill_mid_write_keeps_previous_complete_output(tmp_path: Path):
 def test_free_disk_shortfall_names_the_numbers(tmp_path: Path):
     with pytest.raises(StageError, match=r"not enough disk for the test: .* GiB free at .* GiB needed"):
         check_free_disk(tmp_path / "not" / "yet", 1 << 60, "the test")
+
+
+def test_outputs_dropped_from_a_rerun_are_removed_from_a_shared_dir(tmp_path: Path):
+    """quantize made Q4_K_M and Q5_K_M, then only Q4_K_M: Q5_K_M must not stay beside it."""
+    run_dir = tmp_path / "run"
+    for types in (("Q4_K_M", "Q5_K_M"), ("Q4_K_M",)):
+        with stage_output(run_dir, "quantize") as out:
+            for t in types:
+                out.path(f"gguf/m.{t}.gguf").write_text(t)
+            out.commit(inputs={})
+    with stage_output(run_dir, "convert") as out:  # another stage's file in the same folder stays
+        out.path("gguf/m.f16.gguf").write_text("f16")
+        out.commit(inputs={})
+    assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == ["m.Q4_K_M.gguf", "m.f16.gguf"]
+    assert list(verify_manifest(run_dir, "quantize")[names.M_OUTPUTS]) == ["gguf/m.Q4_K_M.gguf"]

@@ -38,7 +38,7 @@ def test_reference_recipe_values():
     assert (t.optim, t.learning_rate, t.weight_decay, t.max_grad_norm) == ("paged_adamw_8bit", 2e-4, 0.001, 0.3)
     assert (t.warmup_ratio, t.lr_scheduler, t.batch_size, t.epochs, t.group_by_length) == (0.03, "constant", 4, 1, True)
     assert (t.save_steps, t.logging_steps, cfg.data.text_field, cfg.merge.dtype) == (25, 25, "text", "float16")
-    assert cfg.gguf.outtype == "f16" and cfg.gguf.quant_types == ["Q4_K_M"]
+    assert cfg.gguf.outtype == "f16" and cfg.gguf.quant_types == ["Q4_K_M", "Q5_K_M", "Q8_0"]
     assert cfg.smoke.prompts == ["[INST] What is QLoRA? [/INST]"]
 
 
@@ -99,6 +99,6 @@ def test_missing_file_is_one_line():
 
 
 def test_quant_type_cross_checks(tmp_path):
-    tree = minimal() | {"eval": {"exact_match": True, "quant_type": "Q8_0"}}
-    with pytest.raises(StageError, match="eval.quant_type 'Q8_0' is not among gguf.quant_types"):
+    tree = minimal() | {"eval": {"exact_match": True, "quant_type": "Q6_K"}}
+    with pytest.raises(StageError, match="eval.quant_type 'Q6_K' is not among gguf.quant_types"):
         load_config(write(tmp_path, tree))

@@ -31,6 +31,7 @@ from tiny_models import WORDS, corpus
 from stages import convert, quantize, smoke
 from stages.common import llamacpp, names
 from stages.common.artifacts import stage_output
+from stages.common.chat_template import check_parity
 from stages.common.errors import EXIT_STAGE_ERROR, StageError
 from stages.common.gguf_runtime import GGUFModel, complete, parse_completion, read_gguf
 
@@ -53,6 +54,8 @@ def make_run(root: Path, checkpoint: Path, run_name: str, **sections) -> tuple[P
         "model": {"name_or_path": str(checkpoint)},
         "data": {"train_files": [str(root / "unused.jsonl")]},
         **sections,
+        # No adapter here (the checkpoint stands for the merge output): no LoRA GGUF.
+        "gguf": {"lora_adapter": False, **sections.get("gguf", {})},
     }
     cfg_path = root / f"{run_name}.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
@@ -147,7 +150,7 @@ def test_convert_manifest_metadata_and_special_tokens(tiny_run):
     _, run_dir, checkpoint = tiny_run
     m = manifest(run_dir, names.CONVERT)
     assert m[names.M_LLAMA_CPP]["commit"] == llamacpp.COMMIT
-    assert list(m[names.M_OUTPUTS]) == ["gguf/tiny.f16.gguf"]
+    assert sorted(m[names.M_OUTPUTS]) == ["gguf/chat_parity.json", "gguf/tiny.f16.gguf"]
     assert m[names.M_METRICS]["file_type"] == "MOSTLY_F16"
     assert 16.0 <= m[names.M_METRICS]["bits_per_weight"] < 16.2  # f16 matrices, f32 norms
 
@@ -182,40 +185,46 @@ CONVERSATION = [
 
 
 def test_tokenization_and_chat_template_match_hf(tiny_run):
-    from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers import AutoTokenizer
 
     _, run_dir, checkpoint = tiny_run
+    # The checkpoint's own tokenizer, legacy like Mistral's v1 (mistral-common writes "<s> [INST]":
+    # "▁" after a control token, as llama.cpp does).
     tok = AutoTokenizer.from_pretrained(checkpoint)
     # No sample starts with a space: there HF's fast (Metaspace) tokenizer adds no "▁" dummy prefix
     # while SentencePiece itself and llama.cpp do, a known HF difference, not a conversion error.
     samples = [*texts(3, seed=7), "digits 2024 07 31", "bytes outside the vocab: é ☃ 🙂", "two  spaces\n\nnew line"]
-    # Mistral's v1 tokenizer (mistral-common) writes "<s> [INST]": "▁" after a special token, as the
-    # legacy LlamaTokenizer and llama.cpp do. See the xfail below for the non-legacy one.
-    mistral_v1 = LlamaTokenizer.from_pretrained(checkpoint, legacy=True)
     with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256) as gguf:
         for text in samples:
             assert gguf.tokenize(text) == tok(text).input_ids, text
         rendered = gguf.chat_prompt(CONVERSATION)
         got = gguf.prompt_tokens(rendered)
     assert rendered == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
-    want = mistral_v1.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert got == want
+    assert got == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert got.count(tok.bos_token_id) == 1
+    assert tok.convert_ids_to_tokens(got[1])[0] == "▁"  # "<s> [INST]", not "<s>[INST]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers 5 tokenizes the tiny model's chat template without '▁' after <s> and </s> "
-    "(non-legacy Metaspace); llama.cpp, like Mistral's v1 tokenizer, puts one there",
-)
-def test_chat_tokens_match_the_checkpoints_own_tokenizer(tiny_run):
-    from transformers import AutoTokenizer
+def test_convert_checked_chat_template_parity(tiny_run):
+    """The convert stage's own parity check ran on the fixed, smoke and held-out conversations."""
+    _, run_dir, _ = tiny_run
+    parity = json.loads((run_dir / names.GGUF_DIR / names.PARITY_FILE).read_text())
+    assert parity["checked"] and len(parity["conversations"]) == 2  # the fixed ones: no smoke messages here
+    assert parity["hf"] == parity["gguf"] == {"eos_token_id": 2, "bos_token_id": 1, "add_bos": True}
+    assert all(c["bos"] == 1 for c in parity["conversations"])
+
+
+def test_non_legacy_tokenizer_fails_parity_with_the_first_differing_token(tiny_run, tmp_path):
+    """transformers' non-legacy SentencePiece writes no "▁" after <s>; llama.cpp does. A model
+    saved that way would see another prompt in llama.cpp: convert's check must say so."""
+    from transformers import LlamaTokenizer
 
     _, run_dir, checkpoint = tiny_run
-    tok = AutoTokenizer.from_pretrained(checkpoint)
-    with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256) as gguf:
-        got = gguf.prompt_tokens(gguf.chat_prompt(CONVERSATION))
-    assert got == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=True, return_dict=False)
+    other = tmp_path / "nonlegacy"
+    shutil.copytree(checkpoint, other)
+    LlamaTokenizer.from_pretrained(checkpoint, legacy=False).save_pretrained(other)
+    with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256) as gguf, pytest.raises(StageError, match="from token 1 on"):
+        check_parity(other, gguf, [CONVERSATION])
 
 
 def test_f16_logits_match_hf_float32(tiny_run):

@@ -24,7 +24,7 @@ from stages.common.artifacts import stage_output
 stage, cfg_path, run_dir = sys.argv[1], sys.argv[3], Path(sys.argv[5])
 cfg = yaml.safe_load(open(cfg_path))
 section = {"train": cfg["training"], "merge": cfg["merge"], "convert": cfg["gguf"]["outtype"],
-           "quantize": cfg["gguf"], "smoke": cfg["smoke"]}[stage]
+           "quantize": cfg["gguf"], "report": cfg["report"], "smoke": cfg["smoke"]}[stage]
 with stage_output(run_dir, stage) as out:
     out.path(f"{stage}/out.txt").write_text(repr(section) if stage != "merge" else "merged-constant")
     out.commit(inputs={})
@@ -77,7 +77,7 @@ def run(cfg, run_dir, **kw):
 def test_first_run_runs_everything_second_run_nothing(run_dir):
     cfg = make_cfg()
     ran, _ = run(cfg, run_dir)
-    assert ran == ["train", "merge", "convert", "quantize", "smoke"]
+    assert ran == ["train", "merge", "convert", "quantize", "report", "smoke"]
     t0 = time.monotonic()
     ran, results = run(cfg, run_dir)
     assert ran == []
@@ -90,15 +90,17 @@ def test_gguf_change_reruns_only_gguf_stages(run_dir):
     cfg = make_cfg()
     cfg.gguf.quant_types = ["Q4_K_M", "Q8_0"]
     ran, _ = run(cfg, run_dir)
-    assert ran == ["quantize", "smoke"]
+    assert ran == ["quantize", "report", "smoke"]
 
 
 def test_training_change_reruns_train_and_what_its_outputs_feed(run_dir):
     run(make_cfg(), run_dir)
     ran, _ = run(make_cfg(learning_rate=1e-4), run_dir)
-    # merge's stand-in writes the same bytes whatever its input, so its consumers stay up to date:
-    # keys follow content, as in Bazel. With the real merge, new adapter weights change everything.
-    assert ran == ["train", "merge"]
+    # merge's and convert's stand-ins write the same bytes whatever their input, so what only they
+    # feed (quantize, smoke) stays up to date: keys follow content, as in Bazel. convert (LoRA GGUF)
+    # and report (model card) read the adapter's manifest too. With the real stages, new adapter
+    # weights change everything.
+    assert ran == ["train", "merge", "convert", "report"]
 
 
 def test_force_one_stage(run_dir):

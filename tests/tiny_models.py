@@ -60,7 +60,9 @@ def build_tiny_mistral(out_dir: Path, *, seed: int = 0, hidden: int = 64, layers
 
     out_dir.mkdir(parents=True, exist_ok=True)
     train_sentencepiece(out_dir)
-    tokenizer = LlamaTokenizer.from_pretrained(out_dir, legacy=False, add_bos_token=True, add_eos_token=False)
+    # legacy=True: a space after control tokens, as Mistral-7B-Instruct v0.1/v0.2 (tokenizer v1) and
+    # llama.cpp tokenize "<s>[INST]" (mistral-common: "<s> [INST] user message [/INST]").
+    tokenizer = LlamaTokenizer.from_pretrained(out_dir, legacy=True, add_bos_token=True, add_eos_token=False)
     tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
     config = MistralConfig(
         vocab_size=len(tokenizer),

@@ -175,8 +175,13 @@ class StageOutput:
             **(extra or {}),
         }
         mpath = manifest_path(self.run_dir, self.stage)
+        previous = (read_manifest(self.run_dir, self.stage) or {}).get(names.M_OUTPUTS) or {}
         mpath.unlink(missing_ok=True)
         _fsync_path(mpath.parent) if mpath.parent.exists() else None
+        # What this stage wrote last time and not now goes (a quant type dropped from the config):
+        # a shared folder such as gguf/ must not keep another run's file as if it were current.
+        for rel in sorted(set(previous) - set(outputs)):
+            (self.run_dir / rel).unlink(missing_ok=True)
         for entry in sorted(self.staging.iterdir()):
             final = self.run_dir / entry.name
             if entry.name in self.owned or entry.is_file():

@@ -211,3 +211,19 @@ def check_report(report: RowReport, max_bad_fraction: float, what: str) -> None:
             f"{report.too_long} over data.max_seq_length; first: {', '.join(report.examples) or 'n/a'}), "
             f"more than data.max_bad_fraction={max_bad_fraction}; fix the data or raise the limit"
         )
+
+
+def train_and_held_out(cfg: DataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training rows and the held-out rows, split as the train stage splits them."""
+    train, _ = load_rows(cfg.train_files, cfg)
+    if cfg.eval_files:
+        return train, load_rows(cfg.eval_files, cfg)[0]
+    return split_rows(train, cfg.eval_fraction, seed)
+
+
+def plain_text(rows: list[dict[str, Any]]) -> str:
+    """The rows' text without any template, one row per paragraph: what llama-perplexity and
+    llama-imatrix read (they tokenize without parsing control tokens, so a rendered template would
+    be scored as plain text, which no model sees)."""
+    parts = [r["text"] if "text" in r else "\n".join(m["content"] for m in r["prompt"] + r["completion"]) for r in rows]
+    return "\n\n".join(parts) + "\n"

@@ -37,6 +37,7 @@ STAGE_IMAGE = {
     names.MERGE: "merge",
     names.CONVERT: "gguf",
     names.QUANTIZE: "gguf",
+    names.REPORT: "gguf",
     names.SMOKE: "gguf",
     names.EVALUATE: "gguf",
 }

@@ -237,13 +237,23 @@ class Generation:
 class GGUFModel:
     """One GGUF loaded in-process. Use as a context manager, or call close()."""
 
-    def __init__(self, path: Path, n_ctx: int = 1024, logits_all: bool = False, n_threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        n_ctx: int = 1024,
+        logits_all: bool = False,
+        n_threads: int | None = None,
+        lora: Path | None = None,
+    ):
+        """`lora`: a LoRA GGUF (convert_lora_to_gguf.py) applied at scale 1, as `llama-cli --lora`."""
         llama_cpp = bindings()
-        if not path.is_file():
-            raise StageError(f"GGUF {path} not found; run the convert/quantize stages first")
+        for f in (path, lora):
+            if f is not None and not f.is_file():
+                raise StageError(f"GGUF {f} not found; run the convert/quantize stages first")
         self.path = path
         self.llm = llama_cpp.Llama(
             model_path=str(path),
+            lora_path=str(lora) if lora else None,
             n_ctx=n_ctx,
             logits_all=logits_all,
             n_threads=n_threads or os.cpu_count(),
@@ -268,6 +278,10 @@ class GGUFModel:
             n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             self._eos_ids = {t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)}
         return self._eos_ids
+
+    def metadata_int(self, key: str) -> int | None:
+        value = self.metadata.get(key)
+        return int(value) if value is not None else None
 
     @property
     def add_bos(self) -> bool:

@@ -50,6 +50,24 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_NUMBER=0",
 )
 STAMP = ".kiln-built"
+# One source patch, applied after extraction (str.replace, checked). llama.cpp's logger writes from a
+# worker thread and is never flushed at exit (common/log.cpp leaks it on purpose, upstream issue
+# 22142), so a tool's last lines can be lost: seen as llama-perplexity without its final statistics
+# (tiny models, where the tail is a large part of the output) and llama-completion without the end of
+# its answer. The patch drains the queue at exit on every platform but Windows (the reason for the leak).
+PATCH_ID = "log-drain-at-exit"
+_LOG_ANCHOR = (  # in common_log_main(), where the singleton is made
+    "        log = new common_log;\n"
+    "        // Set default to auto-detect colors\n"
+    "        log->set_colors(tty_can_use_colors());\n"
+)
+LOG_PATCH = (
+    "common/log.cpp",
+    _LOG_ANCHOR,
+    _LOG_ANCHOR + "#if !defined(_WIN32)\n"
+    "        std::atexit([] { log->pause(); });  // kiln: drain the queue at exit\n"
+    "#endif\n",
+)
 
 
 def home() -> Path:
@@ -91,7 +109,12 @@ def script(name: str) -> Path:
 
 
 def info() -> dict[str, str]:
-    return {"source": f"{SDIST_PACKAGE}=={SDIST_VERSION} (vendor/llama.cpp)", "commit": COMMIT, "home": str(home())}
+    return {
+        "source": f"{SDIST_PACKAGE}=={SDIST_VERSION} (vendor/llama.cpp)",
+        "commit": COMMIT,
+        "patches": PATCH_ID,
+        "home": str(home()),
+    }
 
 
 def tool_env() -> dict[str, str]:
@@ -132,10 +155,30 @@ def _extract(sdist: Path, dest: Path) -> None:
                     tar.extract(member, dest, **safe)
 
 
+def _patch(src: Path) -> None:
+    rel, old, new = LOG_PATCH
+    path = src / rel
+    text = path.read_text()
+    if text.count(old) != 1:
+        raise StageError(
+            f"cannot apply the {PATCH_ID} patch: {rel} changed; update LOG_PATCH in stages/common/llamacpp.py"
+        )
+    path.write_text(text.replace(old, new))
+
+
+def _built_id() -> str:
+    return f"{SDIST_VERSION} {COMMIT} {PATCH_ID}"
+
+
+def is_built(prefix: Path | None = None) -> bool:
+    """Whether `prefix` (default: home()) holds a build of this version, commit and patch."""
+    stamp = (prefix or home()) / STAMP
+    return stamp.is_file() and stamp.read_text().strip() == _built_id()
+
+
 def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None) -> Path:
-    """Fetch (or take `sdist`), verify, extract and build into `prefix`; a no-op when already built."""
-    stamp = prefix / STAMP
-    if stamp.is_file() and stamp.read_text().strip() == f"{SDIST_VERSION} {COMMIT}":
+    """Fetch (or take `sdist`), verify, extract, patch and build into `prefix`; a no-op when already built."""
+    if is_built(prefix):
         return prefix
     if shutil.which("cmake") is None:
         raise StageError("cmake not found; install cmake and a C++ compiler (apt-get install cmake g++)")
@@ -145,11 +188,12 @@ def build(prefix: Path, sdist: Path | None = None, jobs: int | None = None) -> P
         sdist = sdist or _fetch_sdist(tmp_path)
         shutil.rmtree(prefix / "src", ignore_errors=True)
         _extract(sdist, prefix / "src")
+        _patch(prefix / "src")
     jobs = jobs or os.cpu_count() or 2
     build_dir = prefix / "build"
     subprocess.run(["cmake", "-S", str(prefix / "src"), "-B", str(build_dir), *CMAKE_FLAGS], check=True)
     subprocess.run(["cmake", "--build", str(build_dir), f"-j{jobs}", "--target", *TOOLS], check=True)
-    stamp.write_text(f"{SDIST_VERSION} {COMMIT}\n")
+    (prefix / STAMP).write_text(_built_id() + "\n")
     return prefix
 
 

@@ -13,9 +13,10 @@ TRAIN = "train"
 MERGE = "merge"
 CONVERT = "convert"
 QUANTIZE = "quantize"
+REPORT = "report"
 SMOKE = "smoke"
 EVALUATE = "evaluate"
-STAGES = (PREPARE, TRAIN, MERGE, CONVERT, QUANTIZE, SMOKE, EVALUATE)
+STAGES = (PREPARE, TRAIN, MERGE, CONVERT, QUANTIZE, REPORT, SMOKE, EVALUATE)
 
 # Folders and files inside runs/<run-name>/.
 RUNS_DIR = "runs"
@@ -74,3 +75,13 @@ QUANT_TYPES: dict[str, float] = {
     "Q8_0": 8.50,
 }
 SMOKE_FILE = "smoke.json"
+
+# Files the convert, quantize and report stages write next to the GGUFs in gguf/.
+LORA_KIND = "lora.f16"  # gguf_name(run, LORA_KIND): the adapter as a LoRA GGUF
+IMATRIX_FILE = "imatrix.gguf"
+PARITY_FILE = "chat_parity.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+REPORT_PNG = "report.png"
+MODELFILE = "Modelfile"
+MODEL_CARD = "README.md"

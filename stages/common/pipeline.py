@@ -55,8 +55,18 @@ GRAPH: tuple[StageSpec, ...] = (
     StageSpec(names.PREPARE, ("model", "data"), (), _prepares),
     StageSpec(names.TRAIN, ("run_name", "model", "data", "quantization", "lora", "training"), (names.PREPARE,)),
     StageSpec(names.MERGE, ("model", "merge"), (names.TRAIN,)),
-    StageSpec(names.CONVERT, ("run_name", "gguf.outtype"), (names.MERGE,)),
-    StageSpec(names.QUANTIZE, ("run_name", "gguf"), (names.CONVERT,)),
+    StageSpec(
+        names.CONVERT,
+        ("run_name", "model", "gguf.outtype", "gguf.lora_adapter", "smoke.messages", "data"),
+        (names.MERGE, names.TRAIN),
+    ),
+    StageSpec(names.QUANTIZE, ("run_name", "gguf", "data", "training.seed"), (names.CONVERT,)),
+    StageSpec(
+        names.REPORT,
+        ("run_name", "report", "gguf", "data", "training.seed"),
+        (names.QUANTIZE, names.CONVERT, names.MERGE, names.TRAIN),
+        lambda c: c.report.enabled,
+    ),
     StageSpec(names.SMOKE, ("smoke", "gguf"), (names.QUANTIZE,)),
     StageSpec(names.EVALUATE, ("eval", "data", "model"), (names.QUANTIZE, names.PREPARE), lambda c: c.eval.exact_match),
 )
@@ -261,6 +271,9 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
         arts = "<br>".join(f"`{k}` ({human_size(v)})" for k, v in r["outputs"].items() if not k.endswith(".json"))
         mets = "<br>".join(f"{k}: {v}" for k, v in flat_metrics(r["metrics"]).items())
         lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {arts} | {mets} |")
+    report = run_dir / names.GGUF_DIR / names.REPORT_MD
+    if report.is_file():
+        lines += ["", f"GGUF quality report: [{names.GGUF_DIR}/{names.REPORT_MD}]({names.GGUF_DIR}/{names.REPORT_MD})"]
     (run_dir / names.SUMMARY_MD).write_text("\n".join(lines) + "\n")
     return summary
 
