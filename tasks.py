@@ -530,7 +530,7 @@ def release_notes(c, registry, tag, repo=None, out="build/release-notes.md", pub
         "steps": "timed steps after warm-up",
     }
 )
-def bench_train(c, profiles="reference,24gb,12gb", gpus=1, steps=20):
+def bench_train(c, profiles="reference,24gb,12gb", gpus=1, steps=50):
     """Measure train-stage tokens/s and VRAM on CUDA: the reference recipe against the profiles."""
     c.run(
         f"{PY} benchmarks/train_throughput.py --profiles {profiles} --gpus {int(gpus)} --steps {int(steps)}", echo=True

@@ -2,7 +2,7 @@
 measured in one run through the train stage's own code path (model loading, 4-bit quantization,
 LoRA, trl's SFTTrainer, collator, paged 8-bit AdamW).
 
-    python benchmarks/train_throughput.py [--profiles reference,24gb,12gb] [--steps 20]
+    python benchmarks/train_throughput.py [--profiles reference,24gb,12gb] [--steps 50]
     invoke bench-train
 
 Model: Mistral-7B's exact shapes (`MistralConfig()` defaults), RANDOMLY INITIALISED, because the
@@ -47,6 +47,15 @@ PROFILES: dict[str, list[str]] = {
     # each profile takes the largest batch that stays inside its memory target.
     "24gb": ["training.batch_size=32", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
     "12gb": ["training.batch_size=8", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
+    # Candidates measured against 24gb, not profiles (see the README's Performance section).
+    "24gb-b40": ["training.batch_size=40", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
+    "24gb-nodrop": [
+        "training.batch_size=32",
+        "training.gradient_checkpointing=true",
+        "training.liger_kernel=true",
+        "lora.dropout=0.0",  # peft then skips the dropout module and its saved activations
+    ],
+    "24gb-offload": ["training.batch_size=32", "training.activation_offloading=true", "training.liger_kernel=true"],
 }
 
 
@@ -89,14 +98,14 @@ def tokenizer_for(vocab: int, workdir: Path):
     return tok
 
 
-def run_profile(profile: str, steps: int, warmup: int, model_dir: Path) -> dict:
+def run_profile(profile: str, steps: int, warmup: int, model_dir: Path, extra: list[str]) -> dict:
     import torch
     from transformers import TrainerCallback
 
     from stages.common.config import load_config
     from stages.train import build_trainer, check_bnb_cuda
 
-    cfg = load_config(ROOT / "configs" / "mistral-7b-guanaco.yaml", PROFILES[profile])
+    cfg = load_config(ROOT / "configs" / "mistral-7b-guanaco.yaml", [*PROFILES[profile], *extra])
     cfg.training.max_steps = warmup + steps
     cfg.training.save_steps = 10**9
     cfg.training.logging_steps = 1
@@ -123,7 +132,7 @@ def run_profile(profile: str, steps: int, warmup: int, model_dir: Path) -> dict:
     tps = tokens / (timing["t1"] - timing["t0"])
     return {
         "profile": profile,
-        "overrides": PROFILES[profile],
+        "overrides": [*PROFILES[profile], *extra],
         "tokens_per_s": round(tps, 1),
         "timed_steps": steps,
         "warmup_steps": warmup,
@@ -153,16 +162,19 @@ def versions() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--profiles", default="reference,24gb,12gb")
-    p.add_argument("--steps", type=int, default=20)
+    # 50 steps: one length-grouped megabatch (50 batches) for every profile, so each is timed on a
+    # full sample of the length distribution; shorter windows see a biased slice of it.
+    p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/kiln-bench"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per profile: >1 runs DDP through accelerate")
+    p.add_argument("--set", action="append", default=[], help="extra config override for every profile")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one profile in this process
     args = p.parse_args(argv)
     model_dir = args.workdir / "mistral-7b-random"
     if args.one:
-        result = run_profile(args.one, args.steps, args.warmup, model_dir)
+        result = run_profile(args.one, args.steps, args.warmup, model_dir, args.set)
         if int(os.environ.get("RANK", "0")) == 0:  # DDP: the token count is already gathered over ranks
             print(json.dumps(result))
         return 0
@@ -176,31 +188,27 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join([Path(sys.executable).name, *sys.argv])
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    mode = "-fsdp" if "training.fsdp=true" in args.set else ""
+    # Each profile's file is written as soon as it is measured: a run cut short keeps what it measured.
+    # The reference, when asked for, should come first: the others are compared with it.
     for profile in args.profiles.split(","):
         # One process per profile: each starts with an empty CUDA allocator.
         launcher = [sys.executable]
         if args.gpus > 1:
             launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.gpus)]
-        one = [
-            "--one",
-            profile,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--workdir",
-            str(args.workdir),
-        ]
+        one = ["--one", profile, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir",
+               str(args.workdir), *(a for o in args.set for a in ("--set", o))]  # fmt: skip
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.gpus)))}
         proc = subprocess.run([*launcher, __file__, *one], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
-            results[profile] = {"profile": profile, "error": proc.stderr.strip().splitlines()[-1]}
-            continue
-        results[profile] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = results.get("reference", {}).get("tokens_per_s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    for profile, r in results.items():
+            lines = proc.stderr.strip().splitlines() or ["no output"]
+            r = {"profile": profile, "error": next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])}
+        else:
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[profile] = r
+        ref = results.get("reference", {}).get("tokens_per_s")
         r.update(
             gpu=gpu,
             gpus=args.gpus,
@@ -214,12 +222,13 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             measured_at=stamp,
         )
-        (args.out / f"train-throughput-{profile}-{args.gpus}gpu-{stamp}.json").write_text(
+        (args.out / f"train-throughput-{profile}-{args.gpus}gpu{mode}-{stamp}.json").write_text(
             json.dumps(r, indent=2) + "\n"
         )
         print(
-            f"{profile:10s} {r.get('tokens_per_s', 'error')!s:>8} tok/s  alloc {r.get('peak_allocated_gib')} GiB  "
-            f"reserved {r.get('peak_reserved_gib')} GiB  MFU {r.get('mfu')}  x{r.get('speedup_vs_reference')}"
+            f"{profile:12s} {r.get('tokens_per_s', 'error')!s:>8} tok/s  alloc {r.get('peak_allocated_gib')} GiB  "
+            f"reserved {r.get('peak_reserved_gib')} GiB  MFU {r.get('mfu')}  x{r.get('speedup_vs_reference')}",
+            flush=True,
         )
     return 0
 

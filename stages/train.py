@@ -134,9 +134,14 @@ def load_model(path: Path, cfg: PipelineConfig, device: str):
             bnb_4bit_quant_type=q.quant_type,
             bnb_4bit_use_double_quant=q.double_quant,
             bnb_4bit_compute_dtype=compute,
+            # FSDP flattens and shards parameters of one dtype: the packed 4-bit weights are stored
+            # in the compute dtype's bytes so that they can be sharded with the rest.
+            **({"bnb_4bit_quant_storage": compute} if cfg.training.fsdp else {}),
         )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device_map = {"": f"cuda:{local_rank}"} if device == "cuda" else {"": "cpu"}
+    if cfg.training.fsdp:
+        device_map = None  # FSDP places the shards; each rank loads on the CPU first
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
@@ -175,8 +180,9 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         bf16=t.bf16,
         fp16=t.fp16,
         use_cpu=device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        # Under FSDP, checkpointing is the FSDP plugin's (fsdp_args); the Trainer refuses both at once.
+        gradient_checkpointing=t.gradient_checkpointing and not t.fsdp,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing and not t.fsdp else None,
         packing=t.packing,
         use_liger_kernel=t.liger_kernel,
         activation_offloading=t.activation_offloading,
@@ -192,10 +198,29 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         report_to="none",
         # LoRA leaves most parameters frozen; DDP's unused-parameter scan would only cost a pass.
         ddp_find_unused_parameters=False,
+        **fsdp_args(cfg),
         include_num_input_tokens_seen="non_padding",
         dataset_num_proc=None,
         disable_tqdm=False,
     )
+
+
+def fsdp_args(cfg: PipelineConfig) -> dict[str, Any]:
+    """FSDP through accelerate (transformers' Trainer builds the plugin from these), for a 4-bit base
+    too big for one GPU: decoder layers wrapped one by one, full shard, frozen and trainable
+    parameters side by side (use_orig_params), rank 0 reading the checkpoint."""
+    if not cfg.training.fsdp:
+        return {}
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "use_orig_params": True,
+            "cpu_ram_efficient_loading": True,
+            "sync_module_states": True,
+            "activation_checkpointing": cfg.training.gradient_checkpointing,
+        },
+    }
 
 
 def peft_config(cfg: PipelineConfig):

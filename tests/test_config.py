@@ -102,3 +102,9 @@ def test_quant_type_cross_checks(tmp_path):
     tree = minimal() | {"eval": {"exact_match": True, "quant_type": "Q6_K"}}
     with pytest.raises(StageError, match="eval.quant_type 'Q6_K' is not among gguf.quant_types"):
         load_config(write(tmp_path, tree))
+
+
+def test_fsdp_needs_several_gpus(tmp_path):
+    tree = minimal() | {"training": {"fsdp": True}}
+    with pytest.raises(StageError, match="training.fsdp shards the model over several GPUs"):
+        load_config(write(tmp_path, tree))

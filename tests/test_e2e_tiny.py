@@ -293,3 +293,30 @@ def test_lora_gguf_on_the_base_matches_the_merged_gguf(tiny_run, tmp_path):
             assert abs(want - got).max() <= GGUF_TOL * abs(want).max()
             assert (want.argmax(-1) == got.argmax(-1)).all()
             assert with_lora.generate(ids, 12).tokens == merged.generate(ids, 12).tokens
+
+
+def test_imatrix_quantization(tiny_run, tmp_path):
+    """gguf.imatrix: llama-imatrix on the training text, then every type quantized with it."""
+    import shutil
+    import subprocess
+    import sys
+
+    _, run_dir, _, _ = tiny_run
+    copy = tmp_path / "runs" / "tiny"
+    shutil.copytree(run_dir, copy)
+    cfg_path = copy / names.RUN_CONFIG
+    tree = yaml.safe_load(cfg_path.read_text())
+    tree["gguf"] |= {"imatrix": True, "imatrix_chunks": 2}
+    cfg_path.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.quantize", "--config", str(cfg_path), "--run-dir", str(copy)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = manifest(copy, names.QUANTIZE)
+    assert m["inputs"]["imatrix"] == names.IMATRIX_FILE
+    assert f"{names.GGUF_DIR}/{names.IMATRIX_FILE}" in m[names.M_OUTPUTS]
+    q4 = names.gguf_name("tiny", "Q4_K_M")
+    # The importance weights change what the k-quants round to; Q8_0 does not use them.
+    assert (copy / names.GGUF_DIR / q4).read_bytes() != (run_dir / names.GGUF_DIR / q4).read_bytes()

@@ -94,6 +94,10 @@ class TrainingConfig(Section):
     eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
     gpus: int = Field(1, gt=0, description="GPUs to train on (DDP through accelerate when > 1).")
+    fsdp: bool = Field(
+        False,
+        description="With gpus > 1: shard the 4-bit base over the GPUs (FSDP, full shard) instead of one copy each.",
+    )
 
 
 class MergeConfig(Section):
@@ -186,6 +190,8 @@ class PipelineConfig(Section):
             )
         if t.gpus > 1 and t.device == "cpu":
             raise ValueError("training.gpus > 1 needs training.device cuda or auto, not cpu")
+        if t.fsdp and t.gpus < 2:
+            raise ValueError("training.fsdp shards the model over several GPUs: set training.gpus to 2 or more")
         if self.eval.exact_match and self.eval.quant_type not in self.gguf.quant_types:
             raise ValueError(f"eval.quant_type {self.eval.quant_type!r} is not among gguf.quant_types")
         if self.smoke.quant_type and self.smoke.quant_type not in self.gguf.quant_types:
