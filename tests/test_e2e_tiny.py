@@ -320,3 +320,50 @@ def test_imatrix_quantization(tiny_run, tmp_path):
     q4 = names.gguf_name("tiny", "Q4_K_M")
     # The importance weights change what the k-quants round to; Q8_0 does not use them.
     assert (copy / names.GGUF_DIR / q4).read_bytes() != (run_dir / names.GGUF_DIR / q4).read_bytes()
+
+
+def _status(run_dir: Path, *sets: str) -> dict[str, str]:
+    """`invoke status` as a user runs it: stage -> the rest of its table row."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "status", "--run", str(run_dir), "--runtime", "local", *args],
+        cwd=root,
+        env={**os.environ, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if cells and cells[0] in names.STAGES:
+            rows[cells[0]] = " ".join(cells[1:])
+    return rows
+
+
+def test_status_command_reports_each_stage(tiny_run, tmp_path):
+    import shutil
+
+    _, run_dir, _, _ = tiny_run
+    copy = tmp_path / "runs" / "tiny"
+    shutil.copytree(run_dir, copy)
+    rows = _status(copy)
+    assert list(rows) == ["train", "merge", "convert", "quantize", "report", "smoke"]
+    assert all(r.startswith("up to date") for r in rows.values()), rows
+    # A training setting: train is stale because of its config; the rest waits on its outputs.
+    rows = _status(copy, "training.learning_rate=0.005")
+    assert rows["train"].startswith("stale") and "config" in rows["train"]
+    # An output changed on disk: named as such.
+    q8 = copy / names.GGUF_DIR / names.gguf_name("tiny", "Q8_0")
+    q8.write_bytes(q8.read_bytes()[:-1])
+    assert _status(copy)["quantize"].startswith("stale")
+    # A stage whose manifest is gone but whose log is there failed; without a log it is missing.
+    (copy / names.MANIFESTS_DIR / f"{names.SMOKE}.json").unlink()
+    assert _status(copy)["smoke"].startswith("failed")
+    (copy / names.LOGS_DIR / f"{names.SMOKE}.log").unlink()
+    assert _status(copy)["smoke"].startswith("missing")
