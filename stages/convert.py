@@ -35,6 +35,7 @@ from stages.common.data import load_rows
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
 from stages.common.model import resolve
+from stages.common.preflight import check_free_memory, convert_peak
 
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"
@@ -179,6 +180,7 @@ def convert(ctx: StageContext) -> None:
     merged = run_dir / names.MERGED_DIR
     llamacpp.script(CONVERTER)
     check_free_disk(run_dir, int(dir_size(merged) * SIZE_FACTOR[cfg.gguf.outtype]), "the GGUF conversion")
+    check_free_memory(convert_peak(merged), "the GGUF conversion")
     name = names.gguf_name(cfg.run_name, cfg.gguf.outtype)
     metadata = base_model_fields(cfg)
 

@@ -70,6 +70,7 @@ from stages.common.lora_math import (
     quant_roundtrip,
 )
 from stages.common.model import check_weights
+from stages.common.preflight import check_free_memory, merge_peak
 from stages.common.safetensors_io import (
     BY_TORCH_NAME,
     CheckpointReader,
@@ -762,6 +763,7 @@ def pipeline(args: argparse.Namespace) -> None:
         remote=cfg.model.trust_remote_code,
     )
     check_free_disk(ctx.run_dir, plan.out_bytes + (64 << 20), "the merged checkpoint")
+    check_free_memory(merge_peak(base, adapter_dir), "the streaming merge")
     # Run, then publish with a manifest.
     with stage_output(ctx.run_dir, names.MERGE, owned=(names.MERGED_DIR,)) as out:
         stats = merge_into(plan, out.path(names.MERGED_DIR), args)

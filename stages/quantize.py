@@ -29,6 +29,7 @@ from stages.common.cli import StageContext, context, stage_parser
 from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import read_gguf
+from stages.common.preflight import check_free_memory, quantize_peak
 
 QUANTIZE_TOOL = "llama-quantize"
 IMATRIX_TOOL = "llama-imatrix"
@@ -148,6 +149,7 @@ def quantize(ctx: StageContext) -> None:
     extra = source.size_bytes - source.tensor_bytes
     need = sum(int(source.n_params * q.nominal_bpw / 8 * 1.1) + extra for q in qtypes)
     check_free_disk(run_dir, need, "the quantized GGUFs")
+    check_free_memory(quantize_peak(source.largest_tensor_elements), "llama-quantize")
 
     # Run.
     with stage_output(run_dir, names.QUANTIZE) as out:

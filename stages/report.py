@@ -39,6 +39,7 @@ from stages.common.config import PipelineConfig
 from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel, read_gguf
+from stages.common.preflight import check_free_memory, report_peak
 
 PERPLEXITY_TOOL = "llama-perplexity"
 BENCH_TOOL = "llama-bench"
@@ -364,6 +365,7 @@ def report(ctx: StageContext) -> None:
     for tool in (PERPLEXITY_TOOL, BENCH_TOOL):
         llamacpp.tool(tool)
     f16 = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.gguf.outtype)
+    check_free_memory(report_peak(run_dir / names.MERGED_DIR), "the merged model's perplexity in transformers")
 
     # Run: measure in a scratch folder (the saved f16 logits are hundreds of MB), then gate.
     with tempfile.TemporaryDirectory(prefix=f"{names.TMP_PREFIX}{names.REPORT}-scratch-", dir=run_dir) as work:

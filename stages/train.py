@@ -29,6 +29,7 @@ from stages.common.config import PipelineConfig
 from stages.common.data import check_report, drop_too_long, load_rows, split_rows
 from stages.common.errors import StageError, console, run_stage
 from stages.common.model import resolve
+from stages.common.preflight import check_free_memory, train_peak
 
 GPU_FIX = (
     "training.device is 'cuda' but no CUDA GPU is visible; give the container a GPU "
@@ -332,6 +333,7 @@ def train(ctx: StageContext) -> None:
     tokenizer = load_tokenizer(resolved.path, cfg)
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
+    check_free_memory(train_peak(resolved.path, device), f"loading and quantizing the base model ({device})")
     ckpt_dir = run_dir / names.CHECKPOINTS_DIR
     data_sha = data_digests(cfg)  # hashed once: the resume check and the manifest both need it
     resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha))

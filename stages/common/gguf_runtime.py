@@ -76,6 +76,7 @@ class GGUFInfo:
     tensor_bytes: int  # bytes of tensor data, without metadata and vocab
     file_type: str  # llama.cpp's name for general.file_type, e.g. "MOSTLY_Q4_K_M"
     tensor_types: dict[str, int]  # ggml type -> number of tensors of that type
+    largest_tensor_elements: int
     metadata: dict[str, Any] = field(repr=False)
 
     @property
@@ -129,6 +130,7 @@ def read_gguf(path: Path) -> GGUFInfo:
         tensor_bytes=sum(int(t.n_bytes) for t in reader.tensors),
         file_type=ftype_name,
         tensor_types=dict(sorted(types.items())),
+        largest_tensor_elements=max((int(t.n_elements) for t in reader.tensors), default=0),
         metadata=metadata,
     )
 

@@ -1,0 +1,82 @@
+"""Memory preflight: before heavy work, each stage checks that the host has the RAM its peak needs
+and stops with the numbers when it does not, instead of being killed by the kernel halfway.
+
+The estimates are upper bounds derived from how each stage works, checked against measurements:
+
+- merge streams tensor by tensor: a base tensor, its float32 working copy and the merged output,
+  plus the whole adapter and the interpreter with torch. 4 × the largest tensor + the adapter +
+  512 MiB (7B shapes, r=64: 1.6 GiB estimated, 1.32 GiB measured by benchmarks/merge.py; the demo:
+  0.72 GiB estimated, 0.45 GiB measured).
+- convert (llama.cpp's converter) reads lazily and writes tensor by tensor, in float32 at worst:
+  4 × the largest tensor + 512 MiB (Python, torch, the vocab). Demo: 0.71 estimated, 0.42 measured.
+- quantize (llama-quantize) converts one tensor at a time to float32 and quantizes it: 8 bytes per
+  element of the largest tensor + 256 MiB. Demo: 0.46 GiB estimated, 0.21 GiB measured.
+- train on the CPU holds the 16-bit checkpoint while bitsandbytes quantizes it: 1.5 × its size +
+  1 GiB; on a GPU the host holds one shard at a time: the largest shard + 1 GiB.
+- report loads the merged model in transformers (bfloat16 at least, float32 when that fits):
+  1.2 × its 16-bit size + 512 MiB.
+
+Set KILN_SKIP_MEMORY_CHECK=1 to run anyway (swap, or a host whose available figure is wrong).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from stages.common.errors import StageError
+from stages.common.safetensors_io import read_header
+
+MiB, GiB = 1 << 20, 1 << 30
+ENV_SKIP = "KILN_SKIP_MEMORY_CHECK"
+
+
+def check_free_memory(needed_bytes: int, what: str) -> None:
+    """StageError with the numbers when less memory is available than `what` needs."""
+    if os.environ.get(ENV_SKIP) == "1":
+        return
+    available = psutil.virtual_memory().available
+    if available < needed_bytes:
+        raise StageError(
+            f"not enough memory for {what}: it needs about {needed_bytes / GiB:.1f} GiB, "
+            f"{available / GiB:.1f} GiB is available; free memory or use a larger host "
+            f"({ENV_SKIP}=1 skips this check)"
+        )
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def largest_tensor_bytes(folder: Path) -> int:
+    """Bytes of the largest tensor in a safetensors checkpoint, from the headers alone."""
+    sizes = [t.nbytes for f in safetensors_files(folder) for t in read_header(f)[0].values()]
+    return max(sizes, default=0)
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in safetensors_files(folder))
+
+
+def merge_peak(base: Path, adapter: Path) -> int:
+    return 4 * largest_tensor_bytes(base) + checkpoint_bytes(adapter) + 512 * MiB
+
+
+def convert_peak(merged: Path) -> int:
+    return 4 * largest_tensor_bytes(merged) + 512 * MiB
+
+
+def quantize_peak(largest_tensor_elements: int) -> int:
+    return 8 * largest_tensor_elements + 256 * MiB
+
+
+def train_peak(base: Path, device: str) -> int:
+    if device == "cpu":
+        return int(1.5 * checkpoint_bytes(base)) + GiB
+    return max((f.stat().st_size for f in safetensors_files(base)), default=0) + GiB
+
+
+def report_peak(merged: Path) -> int:
+    return int(1.2 * checkpoint_bytes(merged)) + 512 * MiB
