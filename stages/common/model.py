@@ -17,6 +17,7 @@ from stages.common.errors import StageError, console
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HF_ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+HF_ALLOW_CODE = ["*.py"]  # a model's own code (auto_map), fetched only when it may run
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
         raise StageError(f"huggingface_hub is missing ({exc}); install the project's requirements") from None
     try:
         token = os.environ.get("HF_TOKEN")  # only ever from the environment at run time
-        snap = Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=HF_ALLOW, token=token))
+        allow = HF_ALLOW + (HF_ALLOW_CODE if cfg.trust_remote_code else [])
+        snap = Path(snapshot_download(cfg.name_or_path, revision=cfg.revision, allow_patterns=allow, token=token))
     except LocalEntryNotFoundError:
         raise StageError(
             f"model {cfg.name_or_path!r} is neither a local folder nor reachable on the Hub (offline?); "
