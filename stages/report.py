@@ -368,7 +368,9 @@ def report(ctx: StageContext) -> None:
     check_free_memory(report_peak(run_dir / names.MERGED_DIR), "the merged model's perplexity in transformers")
 
     # Run: measure in a scratch folder (the saved f16 logits are hundreds of MB), then gate.
-    with tempfile.TemporaryDirectory(prefix=f"{names.TMP_PREFIX}{names.REPORT}-scratch-", dir=run_dir) as work:
+    with tempfile.TemporaryDirectory(
+        prefix=f"{names.TMP_PREFIX}{names.REPORT}-{os.getpid()}-scratch-", dir=run_dir
+    ) as work:
         result = measure(cfg, run_dir, Path(work))
     failures = gate(cfg, result)
     if failures:

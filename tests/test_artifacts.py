@@ -148,3 +148,19 @@ def test_outputs_dropped_from_a_rerun_are_removed_from_a_shared_dir(tmp_path: Pa
         out.commit(inputs={})
     assert sorted(p.name for p in (run_dir / "gguf").iterdir()) == ["m.Q4_K_M.gguf", "m.f16.gguf"]
     assert list(verify_manifest(run_dir, "quantize")[names.M_OUTPUTS]) == ["gguf/m.Q4_K_M.gguf"]
+
+
+def test_sweep_removes_dead_stages_staging_and_keeps_a_live_ones(tmp_path: Path):
+    from stages.common.artifacts import sweep_leftovers
+
+    run_dir = tmp_path / "run"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run_dir / f".tmp-merge-{dead.stdout.strip()}").mkdir(parents=True)
+    (run_dir / f".tmp-report-{dead.stdout.strip()}-scratch-x1").mkdir()
+    live = run_dir / f".tmp-convert-{os.getppid()}"  # a process that is running: this test's parent
+    live.mkdir()
+    removed = sweep_leftovers(run_dir)
+    assert sorted(removed) == sorted(
+        [f".tmp-merge-{dead.stdout.strip()}", f".tmp-report-{dead.stdout.strip()}-scratch-x1"]
+    )
+    assert [p.name for p in run_dir.iterdir()] == [live.name]

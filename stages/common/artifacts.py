@@ -130,6 +130,20 @@ def remove_leftovers(run_dir: Path, stage: str) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def sweep_leftovers(run_dir: Path) -> list[str]:
+    """Delete every staging folder (``.tmp-<stage>-<pid>...``) whose process is gone, including those
+    of stages that will not rerun because their previous output is intact; returns their names."""
+    removed = []
+    for leftover in sorted(run_dir.glob(f"{names.TMP_PREFIX}*")) if run_dir.is_dir() else []:
+        parts = leftover.name[len(names.TMP_PREFIX) :].split("-")
+        pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        if pid is not None and pid != os.getpid() and psutil.pid_exists(pid):
+            continue  # a stage running now
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+        removed.append(leftover.name)
+    return removed
+
+
 class StageOutput:
     """The staging area of one stage run; see the module docstring for the protocol."""
 

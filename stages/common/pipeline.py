@@ -24,6 +24,7 @@ from stages.common.artifacts import (
     manifest_path,
     read_manifest,
     stage_output,
+    sweep_leftovers,
     verify_manifest,
     write_json_atomic,
 )
@@ -200,6 +201,8 @@ def run_pipeline(
 ) -> list[StageResult]:
     """Run every enabled stage whose key changed; stop at the first failure."""
     config_path = freeze_config(cfg, run_dir)
+    for name in sweep_leftovers(run_dir):
+        announce(f"removed {name}: the staging folder of a stage that was killed")
     force = force or set()
     stages = enabled_stages(cfg)
     if start_at:
