@@ -213,8 +213,9 @@ def fsdp_args(cfg: PipelineConfig) -> dict[str, Any]:
     if not cfg.training.fsdp:
         return {}
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
+            "reshard_after_forward": True,  # full shard (FSDP2)
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "use_orig_params": True,
             "cpu_ram_efficient_loading": True,
@@ -333,7 +334,9 @@ def train(ctx: StageContext) -> None:
     tokenizer = load_tokenizer(resolved.path, cfg)
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
-    check_free_memory(train_peak(resolved.path, device), f"loading and quantizing the base model ({device})")
+    t = cfg.training
+    peak = train_peak(resolved.path, device, t.batch_size, cfg.data.max_seq_length, t.bf16 or t.fp16)
+    check_free_memory(peak, f"loading the base model and training on the {device}")
     ckpt_dir = run_dir / names.CHECKPOINTS_DIR
     data_sha = data_digests(cfg)  # hashed once: the resume check and the manifest both need it
     resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha))

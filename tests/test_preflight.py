@@ -34,7 +34,15 @@ def test_estimates_read_the_checkpoint_headers(tiny_mistral):
     assert preflight.largest_tensor_bytes(tiny_mistral) == largest
     assert preflight.convert_peak(tiny_mistral) == 4 * largest + (512 << 20)
     size = sum(f.stat().st_size for f in tiny_mistral.glob("*.safetensors"))
-    assert preflight.train_peak(tiny_mistral, "cpu") == int(1.5 * size) + (1 << 30)
+    # hidden 64, 4 heads, 2 layers, vocab 320; batch 4 of 64 tokens in 16 bits: per layer
+    # 64*4*64*(34 + 5*4*64/64) = 884,736 bytes; logits 12*4*64*320 = 983,040.
+    acts = 2 * 884_736 + 983_040
+    assert preflight.train_peak(tiny_mistral, "cpu", 4, 64, half=True) == int(1.5 * size) + acts + (1 << 30)
+    assert preflight.train_peak(tiny_mistral, "cpu", 4, 64, half=False) == int(1.5 * size) + acts + 2 * 884_736 + (
+        1 << 30
+    )
+    # On a GPU the activations are not in host RAM: one shard at a time.
+    assert preflight.train_peak(tiny_mistral, "cuda", 4, 64, half=True) == size + (1 << 30)
 
 
 def test_merge_estimate_bounds_the_measured_peak(tiny_run_for_preflight):
@@ -44,23 +52,28 @@ def test_merge_estimate_bounds_the_measured_peak(tiny_run_for_preflight):
     assert preflight.merge_peak(base, run_dir / names.ADAPTER_DIR) >= measured * 2**30
 
 
-def test_stage_stops_before_its_work_when_memory_is_short(tiny_run_for_preflight, monkeypatch, capsys):
-    """quantize on a host 'with 1 MiB free': exit 2, one line with the numbers, nothing written."""
-    from stages import quantize
+@pytest.mark.parametrize(
+    ("stage", "what"),
+    [(names.QUANTIZE, "llama-quantize"), (names.TRAIN, "loading the base model and training on the cpu")],
+)
+def test_stage_stops_before_its_work_when_memory_is_short(tiny_run_for_preflight, monkeypatch, capsys, stage, what):
+    """A stage on a host 'with 1 MiB free': exit 2, one line with the numbers, nothing written."""
+    import importlib
 
+    module = importlib.import_module(f"stages.{stage}")
     run_dir, _ = tiny_run_for_preflight
-    before = json.loads((run_dir / names.MANIFESTS_DIR / "quantize.json").read_text())
+    before = json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text())
 
     class Short:
         available = 1 << 20
 
     monkeypatch.delenv(preflight.ENV_SKIP, raising=False)
     monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: Short())
-    code = quantize.main(["--config", str(run_dir / names.RUN_CONFIG), "--run-dir", str(run_dir)])
+    code = module.main(["--config", str(run_dir / names.RUN_CONFIG), "--run-dir", str(run_dir)])
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "not enough memory for llama-quantize: it needs about" in err and "0.0 GiB is available" in err
-    assert json.loads((run_dir / names.MANIFESTS_DIR / "quantize.json").read_text()) == before
+    assert f"not enough memory for {what}: it needs about" in err and "0.0 GiB is available" in err
+    assert json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text()) == before
     assert not list(run_dir.glob(f"{names.TMP_PREFIX}*"))
 
 

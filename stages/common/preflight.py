@@ -11,8 +11,14 @@ The estimates are upper bounds derived from how each stage works, checked agains
   4 × the largest tensor + 512 MiB (Python, torch, the vocab). Demo: 0.71 estimated, 0.42 measured.
 - quantize (llama-quantize) converts one tensor at a time to float32 and quantizes it: 8 bytes per
   element of the largest tensor + 256 MiB. Demo: 0.46 GiB estimated, 0.21 GiB measured.
-- train on the CPU holds the 16-bit checkpoint while bitsandbytes quantizes it: 1.5 × its size +
-  1 GiB; on a GPU the host holds one shard at a time: the largest shard + 1 GiB.
+- train on the CPU holds the 16-bit checkpoint while bitsandbytes quantizes it (1.5 × its size),
+  and the activations of a full batch at max_seq_length kept for the backward pass: per layer
+  s·b·h·(34 + 5·a·s/h) bytes in 16 bits (Korthikanti et al. 2022, eq. 1; twice that in float32),
+  plus the logits, 12 bytes per batch × sequence × vocab entry (16-bit, the loss's float32 copy,
+  its gradient); + 1 GiB. The demo (SmolLM2-135M, batch 8, 256 tokens): 4.3 GiB estimated, 2.8 GiB
+  measured (3 steps and the evaluation; its rows are ~100 tokens). The previous bound, without
+  activations, was 1.4 GiB. On a GPU the host holds one shard at a time: the largest
+  shard + 1 GiB.
 - report loads the merged model in transformers (bfloat16 at least, float32 when that fits):
   1.2 × its 16-bit size + 512 MiB.
 
@@ -21,6 +27,7 @@ Set KILN_SKIP_MEMORY_CHECK=1 to run anyway (swap, or a host whose available figu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -72,9 +79,19 @@ def quantize_peak(largest_tensor_elements: int) -> int:
     return 8 * largest_tensor_elements + 256 * MiB
 
 
-def train_peak(base: Path, device: str) -> int:
+def activation_bytes(config: dict, batch: int, seq: int, bytes_per_value: int) -> int:
+    """What one training step on a batch of `seq` tokens keeps for backward, without recomputation."""
+    h, a, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
+    per_layer = seq * batch * h * (34 + 5 * a * seq / h) * bytes_per_value / 2
+    return int(layers * per_layer) + 12 * batch * seq * config["vocab_size"]
+
+
+def train_peak(base: Path, device: str, batch: int, seq: int, half: bool) -> int:
+    """Host RAM of the train stage; `half`: activations in 16 bits (bf16 or fp16 training)."""
     if device == "cpu":
-        return int(1.5 * checkpoint_bytes(base)) + GiB
+        config = json.loads((base / "config.json").read_text())
+        acts = activation_bytes(config, batch, seq, 2 if half else 4)
+        return int(1.5 * checkpoint_bytes(base)) + acts + GiB
     return max((f.stat().st_size for f in safetensors_files(base)), default=0) + GiB
 
 
