@@ -32,8 +32,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     set -eux; \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --no-compile -c /opt/constraints.txt torch transformers peft trl accelerate datasets bitsandbytes \
-        safetensors sentencepiece protobuf pydantic pyyaml rich psutil; \
-    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets; assert torch.version.cuda, torch.__version__'; \
+        safetensors sentencepiece protobuf pydantic pyyaml rich psutil liger-kernel; \
+    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets, liger_kernel; assert torch.version.cuda, torch.__version__'; \
     PYTHONDONTWRITEBYTECODE='' python -c 'import datasets, peft.tuners.lora, safetensors.torch; \
         import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral; \
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; from trl import SFTConfig, SFTTrainer'

@@ -137,3 +137,20 @@ def test_pickle_weights_are_refused_unopened(tmp_path, tiny_mistral):
     assert proc.returncode == 2
     assert "holds only pickled weights (pytorch_model.bin)" in proc.stderr
     assert not marker.exists()
+
+
+def test_fsdp_arguments_reach_the_trainer():
+    """training.fsdp: full shard with the decoder layers wrapped, checkpointing by the FSDP plugin
+    (the Trainer refuses its own and FSDP's at once). The run itself needs GPUs (README)."""
+    from stages.common.config import validate_config
+    from stages.train import sft_config
+
+    tree = {"run_name": "t", "model": {"name_or_path": "m"}, "data": {"train_files": ["d"]}}
+    tree["training"] = {"fsdp": True, "gpus": 2, "optim": "adamw_torch", "gradient_checkpointing": True}
+    args = sft_config(validate_config(tree), Path("unused"), "cpu", False)
+    assert args.fsdp and args.fsdp_config["reshard_after_forward"] is True
+    assert args.fsdp_config["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert args.fsdp_config["activation_checkpointing"] is True and args.gradient_checkpointing is False
+    tree["training"] = {"gradient_checkpointing": True}
+    plain = sft_config(validate_config(tree), Path("unused"), "cpu", False)
+    assert not plain.fsdp and plain.gradient_checkpointing is True

@@ -192,6 +192,11 @@ class PipelineConfig(Section):
             raise ValueError("training.gpus > 1 needs training.device cuda or auto, not cpu")
         if t.fsdp and t.gpus < 2:
             raise ValueError("training.fsdp shards the model over several GPUs: set training.gpus to 2 or more")
+        if t.fsdp and "8bit" in t.optim:
+            raise ValueError(
+                f"training.fsdp with training.optim={t.optim} fails at the first step (bitsandbytes' 8-bit update "
+                "does not take FSDP's DTensor shards); use training.optim=adamw_torch: FSDP shards its states anyway"
+            )
         if self.eval.exact_match and self.eval.quant_type not in self.gguf.quant_types:
             raise ValueError(f"eval.quant_type {self.eval.quant_type!r} is not among gguf.quant_types")
         if self.smoke.quant_type and self.smoke.quant_type not in self.gguf.quant_types:
