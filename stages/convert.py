@@ -96,12 +96,14 @@ def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path) -> None:
 
 
 def parity_conversations(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
-    """The fixed conversations, each smoke message, and the first held-out prompts (chat data)."""
+    """The fixed conversations, each smoke message, and the first held-out prompts (chat data, when
+    its files are here: an adapter trained elsewhere may come without them)."""
     system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
     out = [system + c for c in FIXED_CONVERSATIONS]
     out += [[*system, {"role": "user", "content": m}] for m in cfg.smoke.messages]
-    if cfg.data.format != "text":
-        rows, _ = load_rows(cfg.data.eval_files or cfg.data.train_files, cfg.data)
+    files = cfg.data.eval_files or cfg.data.train_files
+    if cfg.data.format != "text" and all(Path(f).is_file() for f in files):
+        rows, _ = load_rows(files, cfg.data)
         out += [r["prompt"] for r in rows[:PARITY_HELD_OUT] if "prompt" in r]
     return out
 

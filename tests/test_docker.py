@@ -151,7 +151,9 @@ def docker_demo(images):
 
 def test_demo_pipeline_in_containers(docker_demo):
     _, run, results = docker_demo
-    assert [r.status for r in results] == ["ran"] * 7, results
+    assert [r.status for r in results] == ["ran"] * 8, results
+    report = json.loads((run / names.GGUF_DIR / names.REPORT_JSON).read_text())  # the report stage, in its image
+    assert abs(report["conversion"]["relative_delta"]) <= 0.005
     metrics = json.loads((run / names.MANIFESTS_DIR / "evaluate.json").read_text())["metrics"]
     assert metrics["finetuned_exact_match"] >= 0.8 > 0.3 >= metrics["base_exact_match"]
     assert {p.stat().st_uid for p in run.rglob("*")} == {os.getuid()}, "files belong to the invoking user"

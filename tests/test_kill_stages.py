@@ -9,6 +9,7 @@ land in loading, computing and committing alike.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,14 +94,22 @@ def outcome(run_dir: Path, stage: str, previous: dict) -> str:
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_leaves_a_complete_output_or_none_and_the_pipeline_recovers(run, stage):
     cfg, run_dir = run
+
+    def fresh() -> None:
+        # train would resume from its last checkpoint and not train at all: start it from scratch,
+        # so that the kills land in training and in checkpoint writes (resume has its own test).
+        if stage == names.TRAIN:
+            shutil.rmtree(run_dir / names.CHECKPOINTS_DIR, ignore_errors=True)
+
     # The stage's own duration, rerun over its complete output (what the kills interrupt).
-    previous = read_manifest(run_dir, stage)
+    fresh()
     t0 = time.monotonic()
     subprocess.run(stage_cmd(stage, run_dir), cwd=ROOT, check=True, capture_output=True)
     duration = time.monotonic() - t0
     previous = read_manifest(run_dir, stage)
     seen = []
     for fraction in FRACTIONS:
+        fresh()
         proc = subprocess.Popen(
             stage_cmd(stage, run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
