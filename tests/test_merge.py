@@ -630,7 +630,7 @@ def test_memory_stays_bounded(tmp_path):
             == 0
         )
     by_size = {json.loads(p.read_text())["size"]: json.loads(p.read_text()) for p in results.glob("*.json")}
-    # The stage's own ru_maxrss: the kernel's high-water mark of that process alone.
+    # The stage's own VmHWM: the kernel's high-water mark of that process alone.
     runtime = by_size["tiny"]["ours"]["stage_metrics"]["peak_rss_gib"]
     small = by_size["small"]
     grew = (small["ours"]["stage_metrics"]["peak_rss_gib"] - runtime) * 2**30
