@@ -124,15 +124,14 @@ def compute_imatrix(model: Path, text: str, out_file: Path, chunks: int) -> None
     """llama-imatrix over `text` with `model` (the f16 GGUF); StageError with its last line on failure."""
     text_file = out_file.with_name(out_file.name + ".txt")
     text_file.write_text(text)
-    cmd = [str(llamacpp.tool(IMATRIX_TOOL)), "-m", str(model), "-f", str(text_file), "-o", str(out_file)]
-    cmd += ["-c", str(IMATRIX_CTX), "--chunks", str(chunks), "-t", str(os.cpu_count() or 1), "--no-ppl"]
+    args = ["-m", str(model), "-f", str(text_file), "-o", str(out_file)]
+    args += ["-c", str(IMATRIX_CTX), "--chunks", str(chunks), "--no-ppl"]
     try:
-        proc = subprocess.run(cmd, env=llamacpp.tool_env(), capture_output=True, text=True, errors="replace")
+        llamacpp.run_tool(IMATRIX_TOOL, args)
     finally:
         text_file.unlink(missing_ok=True)
-    if proc.returncode != 0 or not out_file.is_file():
-        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-        raise StageError(f"{IMATRIX_TOOL} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+    if not out_file.is_file():
+        raise StageError(f"{IMATRIX_TOOL} wrote no {out_file.name}")
 
 
 def quantize(ctx: StageContext) -> None:

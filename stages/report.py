@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,6 @@ KL_FIELDS = {
 # --- llama.cpp tools -----------------------------------------------------------------------------
 
 
-def _tool(name: str, args: list[str]) -> str:
-    cmd = [str(llamacpp.tool(name)), *args, "-t", str(os.cpu_count() or 1)]
-    proc = subprocess.run(cmd, env=llamacpp.tool_env(), capture_output=True, text=True, errors="replace")
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise StageError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
-    return proc.stdout + proc.stderr
-
-
 def _match(pattern: re.Pattern[str], output: str, what: str) -> float:
     m = pattern.search(output)
     if not m:
@@ -77,13 +67,13 @@ def _match(pattern: re.Pattern[str], output: str, what: str) -> float:
 
 def perplexity_base(f16: Path, text: Path, logits: Path, ctx: int, chunks: int) -> float:
     """Perplexity of the f16 GGUF; its token distributions are saved to `logits` for the KL runs."""
-    out = _tool(PERPLEXITY_TOOL, ["-m", str(f16), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
+    out = llamacpp.run_tool(PERPLEXITY_TOOL, ["-m", str(f16), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
                                   "--kl-divergence-base", str(logits)])  # fmt: skip
     return _match(FINAL_PPL, out, "final perplexity")
 
 
 def kl_against_base(model: Path, logits: Path, chunks: int) -> dict[str, float]:
-    out = _tool(PERPLEXITY_TOOL, ["-m", str(model), "--kl-divergence-base", str(logits), "--kl-divergence",
+    out = llamacpp.run_tool(PERPLEXITY_TOOL, ["-m", str(model), "--kl-divergence-base", str(logits), "--kl-divergence",
                                   "--chunks", str(chunks)])  # fmt: skip
     stats = {k: _match(p, out, k) for k, p in KL_FIELDS.items()}
     stats["top1_agreement"] /= 100
@@ -92,7 +82,7 @@ def kl_against_base(model: Path, logits: Path, chunks: int) -> dict[str, float]:
 
 def bench(model: Path) -> dict[str, float]:
     """Prompt processing and generation tokens/s on this host's CPU threads (llama-bench, JSON)."""
-    out = _tool(BENCH_TOOL, ["-m", str(model), *BENCH_ARGS, "-o", "json"])
+    out = llamacpp.run_tool(BENCH_TOOL, ["-m", str(model), *BENCH_ARGS, "-o", "json"])
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)

@@ -126,6 +126,16 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+def run_tool(name: str, args: list[str]) -> str:
+    """Run a llama.cpp tool on all cores; its output, or StageError with its last line."""
+    cmd = [str(tool(name)), *args, "-t", str(os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        raise StageError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
+    return proc.stdout + proc.stderr
+
+
 def _fetch_sdist(dest: Path) -> Path:
     # --no-binary for this package only: with ":all:" pip would also build the sdist's build
     # backend (scikit-build-core, hatchling, ...) from source just to read its metadata.
