@@ -23,13 +23,14 @@ def _console():
     return Console(highlight=False)
 
 
-def _load(c, config: str | None, overrides: list[str]):
+def _load(c, config: str | None, overrides: list[str], profile: str | None = None):
     from stages.common.config import load_config
     from stages.common.errors import StageError
+    from stages.common.profiles import profile_overrides
 
     path = config or c.kiln.config
     try:
-        return load_config(path, overrides)
+        return load_config(path, [*profile_overrides(profile), *overrides])
     except StageError as exc:
         raise Exit(f"error: {exc}", code=2) from None
 
@@ -75,15 +76,16 @@ def _docker_runtime_or_none():
         "from_": "start at this stage, taking earlier outputs as they are (e.g. merge)",
         "adapter": "with --from merge: a PEFT adapter folder trained elsewhere",
         "run_dir": "run folder (default: runs/<run_name>)",
+        "profile": "train-speed profile for one GPU: 24gb or 12gb (README, Performance); --set beats it",
     },
     iterable=["set_", "force"],
 )
-def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, adapter=None, run_dir=None):
+def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, adapter=None, run_dir=None, profile=None):
     """Run the whole pipeline: prepare, train, merge, convert, quantize, report, smoke, evaluate."""
     from stages.common import pipeline as graph
     from stages.common.errors import StageError
 
-    cfg = _load(c, config, set_ or [])
+    cfg = _load(c, config, set_ or [], profile)
     rt = _runtime(c, runtime)
     out = _console()
     run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
@@ -133,10 +135,11 @@ def _print_summary(out, summary) -> None:
         "set_": "override one config value, KEY=VALUE (repeatable)",
         "run": "run folder to inspect (default: runs/<run_name> of the config)",
         "runtime": "runtime whose identity the keys are checked against (auto, local, docker)",
+        "profile": "the train-speed profile the run was made with, if any",
     },
     iterable=["set_"],
 )
-def status(c, config=None, set_=None, run=None, runtime=None):
+def status(c, config=None, set_=None, run=None, runtime=None, profile=None):
     """Show each stage of a run: up to date, stale (and why), missing or failed."""
     from rich.table import Table
 
@@ -145,7 +148,7 @@ def status(c, config=None, set_=None, run=None, runtime=None):
     run_dir = Path(run) if run else None
     if run_dir is not None and (run_dir / names.RUN_CONFIG).is_file() and config is None:
         config = str(run_dir / names.RUN_CONFIG)
-    cfg = _load(c, config, set_ or [])
+    cfg = _load(c, config, set_ or [], profile)
     run_dir = run_dir or Path(names.RUNS_DIR) / cfg.run_name
     rt = _runtime(c, runtime)
     table = Table(title=f"{run_dir} ({rt.name} runtime)")
@@ -187,15 +190,23 @@ def setup(c):
         "config": "pipeline YAML",
         "set_": "override one config value, KEY=VALUE (repeatable)",
         "gpus": "train on N GPUs with accelerate (DDP)",
+        "profile": "train-speed profile for one GPU: 24gb or 12gb; --set beats it",
     },
     iterable=["set_"],
 )
-def stage(c, stage, config=None, set_=None, gpus=1):
+def stage(c, stage, config=None, set_=None, gpus=1, profile=None):
     """Run one stage locally, outside the build graph (no cache check)."""
+    from stages.common.errors import StageError
+    from stages.common.profiles import profile_overrides
+
     if stage not in names.STAGES:
         raise Exit(f"error: unknown stage {stage!r}; expected one of {', '.join(names.STAGES)}", code=2)
     cfg_path = config or c.kiln.config
-    sets = " ".join(f"--set {s}" for s in set_ or [])
+    try:
+        overrides = [*profile_overrides(profile), *(set_ or [])]
+    except StageError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
+    sets = " ".join(f"--set {s}" for s in overrides)
     if int(gpus) > 1:
         launcher = f"{PY} -m accelerate.commands.launch --multi_gpu --num_processes {int(gpus)} -m stages.{stage}"
         c.run(f"{launcher} --config {cfg_path} {sets} --set training.gpus={int(gpus)}", echo=True, pty=False)
@@ -525,7 +536,7 @@ def release_notes(c, registry, tag, repo=None, out="build/release-notes.md", pub
 
 @task(
     help={
-        "profiles": "comma-separated: reference, 24gb, 12gb (default all, in one run)",
+        "profiles": "comma-separated: reference, 24gb, 12gb or a candidate (default the three, in one run)",
         "gpus": "GPUs per profile; > 1 runs DDP through accelerate",
         "steps": "timed steps after warm-up",
     }

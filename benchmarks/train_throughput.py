@@ -34,38 +34,55 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stages.common.profiles import PROFILES as USER_PROFILES  # noqa: E402
+
 GFLOP_PER_TOKEN = 30.6
 PEAK_TFLOPS = 989.0
 LENGTH_MEDIAN, LENGTH_MEAN, LENGTH_MAX, LENGTH_MIN = 380, 444, 1024, 16
 REFERENCE_MEASURED = {"reference": 3250, "12gb": 2738, "24gb": 7599}  # plain-loop figures, BUILD-HOSTS.md
 
-# Overrides on configs/mistral-7b-guanaco.yaml. The reference is the recipe as published.
+# Overrides on configs/mistral-7b-guanaco.yaml. The reference is the recipe as published; the
+# profiles are the project's (stages/common/profiles.py); candidates are measured against them.
 PROFILES: dict[str, list[str]] = {
     "reference": [],
-    # Chosen by this benchmark on one H200 (benchmarks/results/): with checkpointing + Liger, batch 16
-    # peaked at 11.7 GiB (6,619 tok/s) and batch 4 at 6.0 GiB (2,269 tok/s, under the reference), so
-    # each profile takes the largest batch that stays inside its memory target.
-    "24gb": ["training.batch_size=32", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
-    "12gb": ["training.batch_size=8", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
-    # Candidates measured against 24gb, not profiles (see the README's Performance section).
-    "24gb-b40": ["training.batch_size=40", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
-    "24gb-nodrop": [
-        "training.batch_size=32",
+    **USER_PROFILES,
+    # The 24gb profile before LoRA dropout 0 made room for batch 40.
+    "24gb-b32": ["training.batch_size=32", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
+    # Over the 22 GiB budget with the recipe's dropout (23.2 GiB).
+    "24gb-b40-dropout": [
+        "training.batch_size=40",
         "training.gradient_checkpointing=true",
         "training.liger_kernel=true",
-        "lora.dropout=0.0",  # peft then skips the dropout module and its saved activations
     ],
     "24gb-offload": ["training.batch_size=32", "training.activation_offloading=true", "training.liger_kernel=true"],
 }
+
+
+def synthetic_lengths(rng, n: int):
+    sigma = math.sqrt(2 * math.log(LENGTH_MEAN / LENGTH_MEDIAN))
+    return rng.lognormal(math.log(LENGTH_MEDIAN), sigma, n).astype(int).clip(LENGTH_MIN, LENGTH_MAX)
 
 
 def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    sigma = math.sqrt(2 * math.log(LENGTH_MEAN / LENGTH_MEDIAN))
-    lengths = np.clip(rng.lognormal(math.log(LENGTH_MEDIAN), sigma, n).astype(int), LENGTH_MIN, LENGTH_MAX)
+    lengths = synthetic_lengths(rng, n)
     return [{"input_ids": rng.integers(3, vocab, int(L)).tolist()} for L in lengths]
+
+
+def padding_share(batch: int, n_batches: int = 2000, seed: int = 0) -> float:
+    """Pad tokens per real token that length grouping leaves at this batch size, simulated as
+    transformers' LengthGroupedSampler batches (megabatches of 50 batches, each sorted by length) over
+    the benchmark's length distribution: the most that padding-free packing could save."""
+    import numpy as np
+
+    lengths = synthetic_lengths(np.random.default_rng(seed), batch * n_batches)
+    padded = 0
+    for start in range(0, len(lengths), 50 * batch):
+        mega = np.sort(lengths[start : start + 50 * batch])[::-1]
+        padded += sum(int(mega[i : i + batch].max()) * len(mega[i : i + batch]) for i in range(0, len(mega), batch))
+    return round(padded / int(lengths.sum()) - 1, 4)
 
 
 def random_mistral(path: Path) -> Path:
@@ -98,7 +115,11 @@ def tokenizer_for(vocab: int, workdir: Path):
     return tok
 
 
-def run_profile(profile: str, steps: int, warmup: int, model_dir: Path, extra: list[str]) -> dict:
+def run_profile(
+    profile: str, steps: int, warmup: int, model_dir: Path, extra: list[str], trace: Path | None = None
+) -> dict:
+    """One profile, timed over `steps` after `warmup`; with `trace`, those steps run under
+    torch.profiler instead and its kernel table is written there (the timing is then not a result)."""
     import torch
     from transformers import TrainerCallback
 
@@ -125,7 +146,24 @@ def run_profile(profile: str, steps: int, warmup: int, model_dir: Path, extra: l
                 torch.cuda.synchronize()
                 timing.update(t1=time.perf_counter(), tok1=state.num_input_tokens_seen)
 
+    class Trace(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                self.prof = torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                )
+                self.prof.__enter__()
+            if state.global_step == warmup + steps:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                averages = self.prof.key_averages()
+                table = averages.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70)
+                trace.parent.mkdir(parents=True, exist_ok=True)
+                trace.write_text(f"{profile} {[*PROFILES[profile], *extra]}, {steps} steps after {warmup}\n{table}\n")
+
     trainer.add_callback(Clock())
+    if trace is not None:
+        trainer.add_callback(Trace())
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     tokens = timing["tok1"] - timing["tok0"]
@@ -170,11 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per profile: >1 runs DDP through accelerate")
     p.add_argument("--set", action="append", default=[], help="extra config override for every profile")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="run the timed steps under torch.profiler; kernel tables go to <out>/exploration, no results",
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one profile in this process
     args = p.parse_args(argv)
     model_dir = args.workdir / "mistral-7b-random"
     if args.one:
-        result = run_profile(args.one, args.steps, args.warmup, model_dir, args.set)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        trace = args.out / "exploration" / f"trace-{args.one}-{stamp}.txt" if args.trace else None
+        result = run_profile(args.one, args.steps, args.warmup, model_dir, args.set, trace)
         if int(os.environ.get("RANK", "0")) == 0:  # DDP: the token count is already gathered over ranks
             print(json.dumps(result))
         return 0
@@ -189,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     results = {}
     args.out.mkdir(parents=True, exist_ok=True)
-    mode = "-fsdp" if "training.fsdp=true" in args.set else ""
+    flags = {"fsdp": "training.fsdp=true", "compile": "training.torch_compile=true"}
+    mode = "".join(f"-{name}" for name, flag in flags.items() if flag in args.set)
     # Each profile's file is written as soon as it is measured: a run cut short keeps what it measured.
     # The reference, when asked for, should come first: the others are compared with it.
     for profile in args.profiles.split(","):
@@ -198,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus > 1:
             launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.gpus)]
         one = ["--one", profile, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir",
-               str(args.workdir), *(a for o in args.set for a in ("--set", o))]  # fmt: skip
+               str(args.workdir), "--out", str(args.out), *(["--trace"] if args.trace else []),
+               *(a for o in args.set for a in ("--set", o))]  # fmt: skip
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(args.gpus)))}
         proc = subprocess.run([*launcher, __file__, *one], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -208,11 +255,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         results[profile] = r
+        if args.trace:
+            print(f"{profile}: traced, table in {args.out / 'exploration'}", flush=True)
+            continue
         ref = results.get("reference", {}).get("tokens_per_s")
         r.update(
             gpu=gpu,
             gpus=args.gpus,
             global_batch=None if "error" in r else _global_batch(r, args.gpus),
+            padding_share=None if "error" in r else padding_share(_global_batch(r, 1)),
             model="Mistral-7B shapes (MistralConfig defaults), randomly initialised",
             data=f"synthetic tokens, log-normal lengths median {LENGTH_MEDIAN} mean {LENGTH_MEAN} max {LENGTH_MAX}",
             reference_tokens_per_s=ref,

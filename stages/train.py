@@ -187,6 +187,7 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         packing=t.packing,
         use_liger_kernel=t.liger_kernel,
         activation_offloading=t.activation_offloading,
+        torch_compile=t.torch_compile,
         max_length=cfg.data.max_seq_length,
         logging_steps=t.logging_steps,
         save_strategy="steps",
@@ -348,8 +349,13 @@ def train(ctx: StageContext) -> None:
     # Run.
     with stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) as out:
         trainer = build_trainer(cfg, resolved.path, tokenizer, train_rows, eval_rows, ckpt_dir, device)
-        if device == "cuda" and cfg.quantization.load_in_4bit:
-            check_bnb_cuda()
+        bnb_backend = None
+        if cfg.quantization.load_in_4bit:
+            from bitsandbytes import cextension
+
+            bnb_backend = cextension.BNB_BACKEND
+            if device == "cuda":
+                check_bnb_cuda()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except NonFiniteLoss as exc:
@@ -377,6 +383,7 @@ def train(ctx: StageContext) -> None:
             },
             metrics={
                 "device": device,
+                "bitsandbytes_backend": bnb_backend,  # the kernels the 4-bit base ran on (CUDA on a GPU)
                 "steps": trainer.state.global_step,
                 "first_loss": losses[0][1] if losses else None,
                 "final_loss": losses[-1][1] if losses else None,

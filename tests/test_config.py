@@ -114,3 +114,22 @@ def test_fsdp_needs_several_gpus_and_a_shardable_optimizer(tmp_path):
         load_config(write(tmp_path, tree))
     tree["training"]["optim"] = "adamw_torch"
     assert load_config(write(tmp_path, tree)).training.fsdp
+
+
+@pytest.mark.parametrize("name", ["24gb", "12gb"])
+def test_profiles_apply_to_the_reference_recipe_and_set_beats_them(name):
+    from stages.common.profiles import PROFILES, profile_overrides
+
+    cfg = load_config(CONFIGS / "mistral-7b-guanaco.yaml", profile_overrides(name))
+    batch = next(int(o.split("=")[1]) for o in PROFILES[name] if o.startswith("training.batch_size="))
+    t = cfg.training
+    assert (t.batch_size, t.gradient_checkpointing, t.liger_kernel) == (batch, True, True)
+    later = load_config(CONFIGS / "mistral-7b-guanaco.yaml", [*profile_overrides(name), "training.batch_size=2"])
+    assert later.training.batch_size == 2
+
+
+def test_unknown_profile_names_the_known_ones():
+    from stages.common.profiles import profile_overrides
+
+    with pytest.raises(StageError, match="unknown profile '99gb'; expected one of 24gb, 12gb"):
+        profile_overrides("99gb")

@@ -89,6 +89,7 @@ class TrainingConfig(Section):
     packing: bool = Field(False, description="Pack rows into full sequences (changes batching semantics).")
     liger_kernel: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, loss); CUDA.")
     activation_offloading: bool = Field(False, description="Offload saved activations to CPU memory (trl).")
+    torch_compile: bool = Field(False, description="torch.compile the model (transformers' Trainer); CUDA.")
     logging_steps: int = Field(25, gt=0, description="Log every N optimizer steps.")
     save_steps: int = Field(25, gt=0, description="Checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")

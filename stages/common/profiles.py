@@ -1,0 +1,31 @@
+"""Train-speed profiles for one CUDA GPU: config overrides chosen by benchmarks/train_throughput.py
+(Mistral-7B shapes, one H200; the README's Performance section has the figures). Each takes the
+largest micro-batch that stays inside its memory target with gradient checkpointing and Liger's
+fused kernels. `invoke pipeline --profile 24gb` applies one before any `--set`."""
+
+from __future__ import annotations
+
+from stages.common.errors import StageError
+
+PROFILES: dict[str, list[str]] = {
+    # <= 22 GiB allocated. LoRA dropout 0 lets peft skip the dropout module and its saved copy of every
+    # adapted layer's input (1.8 GiB at batch 32), which makes room for batch 40; the loss curve on a
+    # real model stays within 0.07% of dropout 0.1's (benchmarks/loss_curve.py, results/loss-curve-*).
+    "24gb": [
+        "training.batch_size=40",
+        "training.gradient_checkpointing=true",
+        "training.liger_kernel=true",
+        "lora.dropout=0.0",
+    ],
+    # <= 10 GiB allocated, the recipe's own dropout.
+    "12gb": ["training.batch_size=8", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
+}
+
+
+def profile_overrides(name: str | None) -> list[str]:
+    """The overrides of profile `name` (none for None)."""
+    if name is None:
+        return []
+    if name not in PROFILES:
+        raise StageError(f"unknown profile {name!r}; expected one of {', '.join(PROFILES)}")
+    return list(PROFILES[name])
