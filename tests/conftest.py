@@ -50,3 +50,72 @@ def repeat_rows(n: int, seed: int = 0) -> list[dict]:
 def as_text(rows: list[dict]) -> list[dict]:
     """The same rows in the reference recipe's `text` format (Llama-2 [INST] prompts, as guanaco-llama2-1k)."""
     return [{"text": f"[INST] {r['messages'][0]['content']} [/INST] {r['messages'][1]['content']}"} for r in rows]
+
+
+def tiny_pipeline(
+    root: Path, run_name: str, model: Path, train_rows: list[dict], held_rows: list[dict] | None = None, **sections
+):
+    """Run the real pipeline (local runtime) on a tiny model and `text` rows written under `root`;
+    `sections` replace the config's sections. Returns (config, run folder, stage results)."""
+    import yaml
+
+    from stages.common import pipeline as graph
+    from stages.common.config import load_config
+    from stages.common.runtime import LocalRuntime
+
+    data = {"train_files": [str(write_jsonl(root / "train.jsonl", as_text(train_rows)))]}
+    if held_rows:
+        data["eval_files"] = [str(write_jsonl(root / "eval.jsonl", as_text(held_rows)))]
+    tree = {
+        "run_name": run_name,
+        "model": {"name_or_path": str(model)},
+        "data": {**data, "format": "text", "max_seq_length": 64, **sections.pop("data", {})},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        **sections,
+    }
+    cfg_path = root / f"{run_name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
+    cfg = load_config(cfg_path)
+    run_dir = root / "runs" / run_name
+    return cfg, run_dir, graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)
+
+
+def stage_cmd(stage: str, run_dir: Path) -> list[str]:
+    """One stage as its own process, on a run's frozen config."""
+    import sys
+
+    from stages.common import names
+
+    return [
+        sys.executable,
+        "-m",
+        f"stages.{stage}",
+        "--config",
+        str(run_dir / names.RUN_CONFIG),
+        "--run-dir",
+        str(run_dir),
+    ]
+
+
+def copy_run(run_dir: Path, dest: Path, edit=None) -> Path:
+    """A copy of a finished run at `dest`, its frozen config passed through `edit(tree)` if given."""
+    import shutil
+
+    import yaml
+
+    from stages.common import names
+
+    shutil.copytree(run_dir, dest)
+    if edit is not None:
+        cfg_path = dest / names.RUN_CONFIG
+        tree = yaml.safe_load(cfg_path.read_text())
+        edit(tree)
+        cfg_path.write_text(yaml.safe_dump(tree))
+    return dest
+
+
+def run_stage(stage: str, run_dir: Path):
+    """stage_cmd, run to completion; the CompletedProcess with text output."""
+    import subprocess
+
+    return subprocess.run(stage_cmd(stage, run_dir), capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -15,12 +15,10 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import as_text, repeat_rows, write_jsonl
+from conftest import copy_run, repeat_rows, run_stage, tiny_pipeline
 
 from stages.common import names
 from stages.common import pipeline as graph
-from stages.common.config import load_config
 from stages.common.runtime import LocalRuntime
 
 pytestmark = pytest.mark.e2e
@@ -31,51 +29,37 @@ GGUF_TOL = 3e-2
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
-    root = tmp_path_factory.mktemp("tiny-run")
     # The `text` format, as in the reference recipe: HF and llama.cpp's SentencePiece tokenizers
     # agree on plain text, so the smoke prompt below reaches the model as the training rows did.
-    train = write_jsonl(root / "train.jsonl", as_text(repeat_rows(96, seed=1)))
-    held = write_jsonl(root / "eval.jsonl", as_text(repeat_rows(16, seed=2)))
-    cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            {
-                "run_name": "tiny",
-                "model": {"name_or_path": str(tiny_mistral)},
-                "data": {
-                    "train_files": [str(train)],
-                    "eval_files": [str(held)],
-                    "format": "text",
-                    "max_seq_length": 64,
-                },
-                "lora": {
-                    "r": 16,
-                    "alpha": 32,
-                    "dropout": 0.0,
-                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                },
-                "training": {
-                    "device": "cpu",
-                    "max_steps": 60,
-                    "batch_size": 8,
-                    "learning_rate": 1e-2,
-                    "warmup_ratio": 0.0,
-                    "logging_steps": 10,
-                    "save_steps": 30,
-                },
-                "merge": {"dtype": "float16"},
-                "gguf": {"outtype": "f16", "quant_types": ["Q8_0", "Q4_K_M"]},
-                "smoke": {"prompts": ["[INST] repeat c [/INST]"], "quant_type": "Q8_0", "max_tokens": 16},
-                # 16 held-out rows are ~350 tokens: chunks of 64 (llama-perplexity needs two). A 64-wide
-                # model quantizes far worse than a real one (measured KL vs f16: Q8_0 0.011, Q4_K_M
-                # 0.38); the gate's defaults are for real models, so this run sets its own.
-                "report": {"ctx": 64, "max_kl": {"Q8_0": 0.05, "Q4_K_M": 1.0}},
-            }
-        )
+    cfg, run_dir, results = tiny_pipeline(
+        tmp_path_factory.mktemp("tiny-run"),
+        "tiny",
+        tiny_mistral,
+        repeat_rows(96, seed=1),
+        repeat_rows(16, seed=2),
+        lora={
+            "r": 16,
+            "alpha": 32,
+            "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        },
+        training={
+            "device": "cpu",
+            "max_steps": 60,
+            "batch_size": 8,
+            "learning_rate": 1e-2,
+            "warmup_ratio": 0.0,
+            "logging_steps": 10,
+            "save_steps": 30,
+        },
+        merge={"dtype": "float16"},
+        gguf={"outtype": "f16", "quant_types": ["Q8_0", "Q4_K_M"]},
+        smoke={"prompts": ["[INST] repeat c [/INST]"], "quant_type": "Q8_0", "max_tokens": 16},
+        # 16 held-out rows are ~350 tokens: chunks of 64 (llama-perplexity needs two). A 64-wide
+        # model quantizes far worse than a real one (measured KL vs f16: Q8_0 0.011, Q4_K_M
+        # 0.38); the gate's defaults are for real models, so this run sets its own.
+        report={"ctx": 64, "max_kl": {"Q8_0": 0.05, "Q4_K_M": 1.0}},
     )
-    cfg = load_config(cfg_path)
-    run_dir = root / "runs" / "tiny"
-    results = graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)
     return cfg, run_dir, results, tiny_mistral
 
 
@@ -180,23 +164,13 @@ def test_second_run_is_up_to_date(tiny_run):
 
 def test_smoke_fails_without_eos(tiny_run, tmp_path):
     """An untrained random model rambles: the smoke stage must fail, non-zero, with one line."""
-    import shutil
-    import subprocess
-    import sys
 
-    _, run_dir, _, _ = tiny_run
-    copy = tmp_path / "runs" / "tiny"
-    shutil.copytree(run_dir, copy)
-    cfg_path = copy / names.RUN_CONFIG
-    tree = yaml.safe_load(cfg_path.read_text())
-    tree["smoke"] = {"prompts": ["dates numbers colours"], "quant_type": "Q8_0", "max_tokens": 4}
-    cfg_path.write_text(yaml.safe_dump(tree))
+    def no_eos(tree):
+        tree["smoke"] = {"prompts": ["dates numbers colours"], "quant_type": "Q8_0", "max_tokens": 4}
+
+    copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny", no_eos)
     (copy / names.MANIFESTS_DIR / "smoke.json").unlink()
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.smoke", "--config", str(cfg_path), "--run-dir", str(copy)],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_stage(names.SMOKE, copy)
     assert proc.returncode == 2
     assert "no EOS within 4 tokens" in proc.stderr
     assert not (copy / names.MANIFESTS_DIR / "smoke.json").exists()
@@ -247,23 +221,12 @@ def test_model_card_and_modelfile(tiny_run):
 
 
 def test_quality_gate_fails_with_the_numbers_and_keeps_the_report(tiny_run, tmp_path):
-    import shutil
-    import subprocess
-    import sys
+    def strict(tree):
+        tree["report"]["max_kl"] = {"Q4_K_M": 1e-9}
 
-    _, run_dir, _, _ = tiny_run
-    copy = tmp_path / "runs" / "tiny"
-    shutil.copytree(run_dir, copy)
+    copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny", strict)
     before = (copy / names.GGUF_DIR / names.REPORT_JSON).read_bytes()
-    cfg_path = copy / names.RUN_CONFIG
-    tree = yaml.safe_load(cfg_path.read_text())
-    tree["report"]["max_kl"] = {"Q4_K_M": 1e-9}
-    cfg_path.write_text(yaml.safe_dump(tree))
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.report", "--config", str(cfg_path), "--run-dir", str(copy)],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_stage(names.REPORT, copy)
     assert proc.returncode == 2
     err = " ".join(proc.stderr.split())
     assert "quality gate: Q4_K_M mean KL vs f16 is" in err and "report.max_kl.Q4_K_M=1e-09" in err
@@ -297,22 +260,13 @@ def test_lora_gguf_on_the_base_matches_the_merged_gguf(tiny_run, tmp_path):
 
 def test_imatrix_quantization(tiny_run, tmp_path):
     """gguf.imatrix: llama-imatrix on the training text, then every type quantized with it."""
-    import shutil
-    import subprocess
-    import sys
-
     _, run_dir, _, _ = tiny_run
-    copy = tmp_path / "runs" / "tiny"
-    shutil.copytree(run_dir, copy)
-    cfg_path = copy / names.RUN_CONFIG
-    tree = yaml.safe_load(cfg_path.read_text())
-    tree["gguf"] |= {"imatrix": True, "imatrix_chunks": 2}
-    cfg_path.write_text(yaml.safe_dump(tree))
-    proc = subprocess.run(
-        [sys.executable, "-m", "stages.quantize", "--config", str(cfg_path), "--run-dir", str(copy)],
-        capture_output=True,
-        text=True,
-    )
+
+    def with_imatrix(tree):
+        tree["gguf"] |= {"imatrix": True, "imatrix_chunks": 2}
+
+    copy = copy_run(run_dir, tmp_path / "runs" / "tiny", with_imatrix)
+    proc = run_stage(names.QUANTIZE, copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = manifest(copy, names.QUANTIZE)
     assert m["inputs"]["imatrix"] == names.IMATRIX_FILE
@@ -347,11 +301,7 @@ def _status(run_dir: Path, *sets: str) -> dict[str, str]:
 
 
 def test_status_command_reports_each_stage(tiny_run, tmp_path):
-    import shutil
-
-    _, run_dir, _, _ = tiny_run
-    copy = tmp_path / "runs" / "tiny"
-    shutil.copytree(run_dir, copy)
+    copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny")
     rows = _status(copy)
     assert list(rows) == ["train", "merge", "convert", "quantize", "report", "smoke"]
     assert all(r.startswith("up to date") for r in rows.values()), rows

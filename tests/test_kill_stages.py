@@ -12,18 +12,15 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import as_text, repeat_rows, write_jsonl
+from conftest import repeat_rows, stage_cmd, tiny_pipeline
 
 from stages.common import names
 from stages.common import pipeline as graph
 from stages.common.artifacts import read_manifest, verify_manifest
-from stages.common.config import load_config
 from stages.common.errors import StageError
 from stages.common.runtime import LocalRuntime
 
@@ -36,46 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_mistral, llama_cpp_built):
-    root = tmp_path_factory.mktemp("kill")
-    train = write_jsonl(root / "train.jsonl", as_text(repeat_rows(32, seed=5)))
-    held = write_jsonl(root / "eval.jsonl", as_text(repeat_rows(12, seed=6)))
-    cfg_path = root / "k.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            {
-                "run_name": "k",
-                "model": {"name_or_path": str(tiny_mistral)},
-                "data": {
-                    "train_files": [str(train)],
-                    "eval_files": [str(held)],
-                    "format": "text",
-                    "max_seq_length": 64,
-                },
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                "training": {"device": "cpu", "max_steps": 6, "batch_size": 4, "logging_steps": 1, "save_steps": 3},
-                "gguf": {"quant_types": ["Q8_0", "Q4_K_M"]},
-                "report": {"ctx": 32, "max_kl": {"Q8_0": 10.0, "Q4_K_M": 10.0}},
-                "smoke": {"prompts": ["a"], "max_tokens": 2},  # fails (no EOS learnt); not under test
-            }
-        )
+    cfg, run_dir, results = tiny_pipeline(
+        tmp_path_factory.mktemp("kill"),
+        "k",
+        tiny_mistral,
+        repeat_rows(32, seed=5),
+        repeat_rows(12, seed=6),
+        training={"device": "cpu", "max_steps": 6, "batch_size": 4, "logging_steps": 1, "save_steps": 3},
+        gguf={"quant_types": ["Q8_0", "Q4_K_M"]},
+        report={"ctx": 32, "max_kl": {"Q8_0": 10.0, "Q4_K_M": 10.0}},
+        smoke={"prompts": ["a"], "max_tokens": 2},  # fails (no EOS learnt); not under test
     )
-    cfg = load_config(cfg_path)
-    run_dir = root / "runs" / "k"
-    results = {r.stage: r.status for r in graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)}
-    assert all(results[s] == "ran" for s in STAGES), results
+    statuses = {r.stage: r.status for r in results}
+    assert all(statuses[s] == "ran" for s in STAGES), statuses
     return cfg, run_dir
-
-
-def stage_cmd(stage: str, run_dir: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        f"stages.{stage}",
-        "--config",
-        str(run_dir / names.RUN_CONFIG),
-        "--run-dir",
-        str(run_dir),
-    ]
 
 
 def outcome(run_dir: Path, stage: str, previous: dict) -> str:

@@ -80,33 +80,19 @@ def test_stage_stops_before_its_work_when_memory_is_short(tiny_run_for_preflight
 @pytest.fixture(scope="module")
 def tiny_run_for_preflight(tmp_path_factory, tiny_mistral, llama_cpp_built) -> tuple[Path, Path]:
     """train (2 steps), merge, convert and quantize of the tiny model, for the checks above."""
-    import yaml
-    from conftest import as_text, repeat_rows, write_jsonl
+    from conftest import repeat_rows, tiny_pipeline
 
-    from stages.common import pipeline as graph
-    from stages.common.config import load_config
-    from stages.common.runtime import LocalRuntime
-
-    root = tmp_path_factory.mktemp("preflight")
-    data = write_jsonl(root / "train.jsonl", as_text(repeat_rows(16, seed=4)))
-    cfg_path = root / "p.yaml"
-    cfg_path.write_text(
-        yaml.safe_dump(
-            {
-                "run_name": "p",
-                "model": {"name_or_path": str(tiny_mistral)},
-                "data": {"train_files": [str(data)], "format": "text", "max_seq_length": 64, "eval_fraction": 0.25},
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-                "training": {"device": "cpu", "max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 2},
-                "gguf": {"quant_types": ["Q8_0"], "lora_adapter": False},
-                "report": {"enabled": False},
-                "smoke": {"prompts": ["a"], "max_tokens": 2},
-            }
-        )
+    _, run_dir, results = tiny_pipeline(
+        tmp_path_factory.mktemp("preflight"),
+        "p",
+        tiny_mistral,
+        repeat_rows(16, seed=4),
+        data={"eval_fraction": 0.25},
+        training={"device": "cpu", "max_steps": 2, "batch_size": 4, "logging_steps": 1, "save_steps": 2},
+        gguf={"quant_types": ["Q8_0"], "lora_adapter": False},
+        report={"enabled": False},
+        smoke={"prompts": ["a"], "max_tokens": 2},
     )
-    run_dir = root / "runs" / "p"
-    cfg = load_config(cfg_path)
-    results = graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)
     # smoke may fail (2 steps teach the model nothing about EOS); what the checks read is there.
     assert {r.stage: r.status for r in results}[names.QUANTIZE] == "ran"
     return run_dir, tiny_mistral
