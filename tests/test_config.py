@@ -133,3 +133,18 @@ def test_unknown_profile_names_the_known_ones():
 
     with pytest.raises(StageError, match="unknown profile '99gb'; expected one of 24gb, 12gb"):
         profile_overrides("99gb")
+
+
+def test_invoke_refuses_an_unknown_profile_in_one_line():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", "pipeline", "--profile", "99gb", "--runtime", "local"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: unknown profile '99gb'; expected one of 24gb, 12gb"
