@@ -9,7 +9,7 @@ from stages.common.errors import StageError
 
 PROFILES: dict[str, list[str]] = {
     # <= 22 GiB allocated. LoRA dropout 0 lets peft skip the dropout module and its saved copy of every
-    # adapted layer's input (1.8 GiB at batch 32), which makes room for batch 40; the loss curve on a
+    # adapted layer's input (1.6 GiB at batch 32), which makes room for batch 40; the loss curve on a
     # real model stays within 0.07% of dropout 0.1's (benchmarks/loss_curve.py, results/loss-curve-*).
     "24gb": [
         "training.batch_size=40",
