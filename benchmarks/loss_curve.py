@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_throughput import PROFILES  # noqa: E402
 
+from stages.common import names  # noqa: E402
+from stages.common.artifacts import package_versions, read_manifest  # noqa: E402
+
 MAX_TOKENS = 512
 
 
@@ -62,8 +65,8 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: training {overrides} failed:\n{proc.stderr[-3000:]}")
-    log = json.loads((run_dir / "adapter" / "training_log.json").read_text())
-    metrics = json.loads((run_dir / "manifests" / "train.json").read_text())["metrics"]
+    log = json.loads((run_dir / names.ADAPTER_DIR / "training_log.json").read_text())
+    metrics = read_manifest(run_dir, names.TRAIN)["metrics"]
     windows = [(e["num_input_tokens_seen"], e["loss"]) for e in log if "loss" in e]
     return {"windows": windows, "eval_loss": metrics["eval_loss"], "tokens_per_s": metrics["tokens_per_s"]}
 
@@ -100,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: A and B trained on different token counts; the comparison needs equal batches")
     rel = [abs(lb - la) / la for (_, la), (_, lb) in zip(a["windows"], b["windows"], strict=True)]
     import torch
-
-    from stages.common.artifacts import package_versions
 
     result = {
         "profile": args.profile,

@@ -4,15 +4,14 @@ later checkpoint, as on the CPU (tests/test_train.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_train import make_config, train_cmd
+from test_train import assert_stops_at_non_finite_loss, train_cmd
 
 from stages.common import names
+from stages.common.artifacts import read_manifest
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -25,10 +24,10 @@ def test_demo_config_trains_on_cuda(tmp_path):
     if not (DEMO_MODEL / "config.json").is_file() or not DEMO_DATA.is_file():
         pytest.skip("demo model or data not prepared; run `invoke stage prepare` first")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "stages.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--run-dir", str(run)]
-    proc = subprocess.run([*cmd, "--set", "training.device=cuda"], capture_output=True, text=True, cwd=ROOT)
+    cmd = [*train_cmd(ROOT / "configs" / "demo.yaml", run), "--set", "training.device=cuda"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run / "manifests" / "train.json").read_text())["metrics"]
+    metrics = read_manifest(run, names.TRAIN)["metrics"]
     print(
         f"demo on CUDA: {metrics['steps']} steps, loss {metrics['first_loss']:.3f} -> {metrics['final_loss']:.4f}, "
         f"eval {metrics['eval_loss']:.4f}, {metrics['tokens_per_s']} tok/s, {metrics['train_runtime_s']:.1f} s"
@@ -42,12 +41,4 @@ def test_demo_config_trains_on_cuda(tmp_path):
 
 
 def test_non_finite_loss_stops_at_that_step_on_cuda(tmp_path, tiny_mistral):
-    cfg = make_config(tmp_path, tiny_mistral, device="cuda", learning_rate=1e6, max_grad_norm=1e9, save_steps=1)
-    proc = subprocess.run(train_cmd(cfg, tmp_path / "run"), capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    line = [x for x in proc.stderr.splitlines() if "training stopped" in x]
-    assert line and ("loss became nan" in line[0] or "loss became inf" in line[0]), proc.stderr[-2000:]
-    step = int(line[0].split("at step ")[1].split()[0])
-    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / names.CHECKPOINTS_DIR).glob("checkpoint-*"))
-    assert all(s < step for s in saved), f"checkpoint after the bad step {step}: {saved}"
-    assert not (tmp_path / "run" / names.ADAPTER_DIR).exists()
+    assert_stops_at_non_finite_loss(tmp_path, tiny_mistral, "cuda")

@@ -61,16 +61,21 @@ def losses(run: Path) -> list[float]:
     return [loss for _, loss in json.loads((run / "manifests/train.json").read_text())["metrics"]["loss_curve"]]
 
 
-def test_non_finite_loss_stops_at_that_step(tmp_path, tiny_mistral):
-    cfg = make_config(tmp_path, tiny_mistral, learning_rate=1e6, max_grad_norm=1e9, save_steps=1)
+def assert_stops_at_non_finite_loss(tmp_path: Path, model: Path, device: str) -> None:
+    """A diverging run exits 2 naming the step, with no checkpoint after it and no adapter."""
+    cfg = make_config(tmp_path, model, device=device, learning_rate=1e6, max_grad_norm=1e9, save_steps=1)
     proc = subprocess.run(train_cmd(cfg, tmp_path / "run"), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr[-2000:]
     line = [x for x in proc.stderr.splitlines() if "training stopped" in x]
-    assert line and ("loss became nan" in line[0] or "loss became inf" in line[0])
+    assert line and ("loss became nan" in line[0] or "loss became inf" in line[0]), proc.stderr[-2000:]
     step = int(line[0].split("at step ")[1].split()[0])
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / names.CHECKPOINTS_DIR).glob("checkpoint-*"))
     assert all(s < step for s in saved), f"checkpoint after the bad step {step}: {saved}"
     assert not (tmp_path / "run" / names.ADAPTER_DIR).exists()
+
+
+def test_non_finite_loss_stops_at_that_step(tmp_path, tiny_mistral):
+    assert_stops_at_non_finite_loss(tmp_path, tiny_mistral, "cpu")
 
 
 def test_killed_run_resumes_exactly(tmp_path, tiny_mistral):
