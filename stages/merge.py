@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +69,15 @@ from stages.common.lora_math import (
     quant_roundtrip,
 )
 from stages.common.model import check_weights
-from stages.common.preflight import check_free_memory, merge_peak
+from stages.common.preflight import (
+    GiB,
+    check_free_memory,
+    checkpoint_bytes,
+    merge_peak,
+    process_memory,
+    release_freed_tensors,
+    reset_peak_memory,
+)
 from stages.common.safetensors_io import (
     BY_TORCH_NAME,
     CheckpointReader,
@@ -673,19 +680,6 @@ def human(n: int) -> str:
     return str(n)
 
 
-def peak_rss_gib() -> float:
-    """This process's peak RSS. VmHWM belongs to the process's own memory, which exec replaces;
-    ru_maxrss survives exec, so a stage started from a large parent (pytest with torch loaded)
-    would report the parent's RSS at fork time (seen: 1.6 GiB for a 64-wide model)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # KiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def merge_into(plan: Plan, out_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Write the merged checkpoint into out_dir (which the caller publishes), then run the checks."""
     console.print(
@@ -693,10 +687,20 @@ def merge_into(plan: Plan, out_dir: Path, args: argparse.Namespace) -> dict[str,
         f"as {plan.dtype}, onto {plan.onto}" + (f" {plan.quant.describe()}" if plan.onto == "dequantized" else "")
     )
     t0 = time.monotonic()
+    # The write's own peak, against the RSS it started from (interpreter, torch, the plan): what it
+    # adds must follow the largest tensor, not the model (tests/test_merge.py).
+    release_freed_tensors()
+    start = process_memory()
+    reset = reset_peak_memory()
     stats = write_checkpoint(plan, out_dir, int(args.shard_size * 1e9))
     stats["tokenizer_from"] = write_side_files(plan, plan.adapter.folder, out_dir)
     stats["wall_s"] = round(time.monotonic() - t0, 2)
-    stats["peak_rss_gib"] = round(peak_rss_gib(), 3)  # before the checks, which load more
+    end = process_memory()  # before the checks, which load more
+    stats["peak_rss_gib"] = round(max(start.get("peak", 0), end.get("peak", 0)) / GiB, 3)
+    stats["rss_start_gib"] = round(start.get("rss", 0) / GiB, 3)
+    stats["write_peak_rss_gib"] = round(end["peak"] / GiB, 3) if reset and end else None
+    stats["largest_tensor_bytes"] = max((i.nbytes for i in plan.outputs), default=0)
+    stats["adapter_bytes"] = checkpoint_bytes(plan.adapter.folder)
     console.print(
         f"merged {stats['tensors_lora_merged']} LoRA targets and {stats['tensors_replaced']} saved tensors "
         f"({stats['tensors']} tensors, {stats['bytes_written'] / 2**30:.2f} GiB in {stats['shards']} shards) "

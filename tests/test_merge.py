@@ -614,27 +614,24 @@ def test_pipeline_mode_onto_dequantized_and_damaged_adapter(models, adapter_for,
 
 @pytest.mark.e2e
 def test_memory_stays_bounded(tmp_path):
-    """The merge's resident memory grows with the largest tensor, not the model: a ~0.27B model
-    (530 MB bf16) merges within ~120 MB of the runtime's own footprint (measured with the tiny model)."""
+    """The merge's write adds at most 4 × its largest tensor plus the adapter to the RSS it started
+    from, both read by the stage in its own process (VmRSS before, VmHWM reset and read after); on a
+    ~0.27B model (530 MB bf16) that bound is a fifth of the model, so RSS cannot follow model size."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_merge", Path(__file__).parents[1] / "benchmarks" / "merge.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     results = tmp_path / "results"
-    for size in ("tiny", "small"):
-        assert (
-            bench.main(
-                ["--size", size, "--reference", "no", "--workdir", str(tmp_path / "w"), "--results", str(results)]
-            )
-            == 0
-        )
-    by_size = {json.loads(p.read_text())["size"]: json.loads(p.read_text()) for p in results.glob("*.json")}
-    # The stage's own VmHWM: the kernel's high-water mark of that process alone.
-    runtime = by_size["tiny"]["ours"]["stage_metrics"]["peak_rss_gib"]
-    small = by_size["small"]
-    grew = (small["ours"]["stage_metrics"]["peak_rss_gib"] - runtime) * 2**30
-    assert grew < 0.25 * small["model"]["base_bytes"], (grew, small["model"]["base_bytes"])
+    argv = ["--size", "small", "--reference", "no", "--workdir", str(tmp_path / "w"), "--results", str(results)]
+    assert bench.main(argv) == 0
+    (result,) = [json.loads(p.read_text()) for p in results.glob("*.json")]
+    m = result["ours"]["stage_metrics"]
+    assert m["write_peak_rss_gib"] is not None, "the kernel refused to reset VmHWM (/proc/self/clear_refs)"
+    grew = (m["write_peak_rss_gib"] - m["rss_start_gib"]) * 2**30
+    bound = 4 * m["largest_tensor_bytes"] + m["adapter_bytes"]
+    assert 0 < grew <= bound, (grew, bound)
+    assert bound < 0.25 * result["model"]["base_bytes"]
 
 
 @pytest.mark.e2e
