@@ -11,7 +11,7 @@ from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from stages.common import names
+from stages.common import names, specs
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -54,10 +54,7 @@ def _runtime(c, name: str | None):
 
 
 def _register_docker() -> None:
-    try:
-        import stages.common.docker_runtime  # noqa: F401  (registers the "docker" runtime)
-    except ImportError:
-        pass
+    import stages.common.docker_runtime  # noqa: F401  (registers the "docker" runtime)
 
 
 def _docker_runtime_or_none():
@@ -97,7 +94,7 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
             from_ = names.MERGE
             graph.import_adapter(run, Path(adapter))
             out.print(f"= train: adapter imported from {adapter}")
-        if rt.name == "local" and any(s.name in _LLAMA_STAGES for s in graph.enabled_stages(cfg)):
+        if rt.name == "local" and any(s.llama_cpp for s in specs.enabled(cfg)):
             _ensure_llama_cpp(c)
         results = graph.run_pipeline(cfg, run, rt, force=set(force or []), start_at=from_, announce=out.print)
     except StageError as exc:
@@ -106,9 +103,6 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
     _print_summary(out, summary)
     if any(r.status == "failed" for r in results):
         raise Exit(code=1)
-
-
-_LLAMA_STAGES = {names.CONVERT, names.QUANTIZE, names.REPORT, names.SMOKE, names.EVALUATE}
 
 
 def _print_summary(out, summary) -> None:
@@ -154,7 +148,7 @@ def status(c, config=None, set_=None, run=None, runtime=None, profile=None):
     table = Table(title=f"{run_dir} ({rt.name} runtime)")
     for col in ("stage", "state", "why"):
         table.add_column(col)
-    for spec in graph.enabled_stages(cfg):
+    for spec in specs.enabled(cfg):
         st = graph.stage_state(spec, cfg, run_dir, rt)
         table.add_row(st.stage, st.state, st.why)
     _console().print(table)
@@ -199,8 +193,10 @@ def stage(c, stage, config=None, set_=None, gpus=1, profile=None):
     from stages.common.errors import StageError
     from stages.common.profiles import profile_overrides
 
-    if stage not in names.STAGES:
-        raise Exit(f"error: unknown stage {stage!r}; expected one of {', '.join(names.STAGES)}", code=2)
+    try:
+        stage = specs.spec(stage).name
+    except ValueError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
     cfg_path = config or c.kiln.config
     try:
         overrides = [*profile_overrides(profile), *(set_ or [])]

@@ -32,6 +32,7 @@ from train_throughput import PROFILES  # noqa: E402
 
 from stages.common import names  # noqa: E402
 from stages.common.artifacts import package_versions, read_manifest  # noqa: E402
+from stages.common.layout import RunLayout  # noqa: E402
 
 MAX_TOKENS = 512
 
@@ -65,7 +66,7 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: training {overrides} failed:\n{proc.stderr[-3000:]}")
-    log = json.loads((run_dir / names.ADAPTER_DIR / "training_log.json").read_text())
+    log = json.loads(RunLayout(run_dir, "loss-curve").training_log.read_text())
     metrics = read_manifest(run_dir, names.TRAIN)["metrics"]
     windows = [(e["num_input_tokens_seen"], e["loss"]) for e in log if "loss" in e]
     return {"windows": windows, "eval_loss": metrics["eval_loss"], "tokens_per_s": metrics["tokens_per_s"]}

@@ -107,8 +107,12 @@ RUN set -eux; \
     PYTHONPATH=/opt/llama.cpp/src/gguf-py:/opt/llama.cpp/src/python python -c 'import gguf, llama_cpp; print(llama_cpp.__version__)'
 
 WORKDIR /work
+# The last two layers hold the code (docker_runtime.py: SOURCE_LAYERS_LABEL); the source digest labels it.
+LABEL org.kiln.source-layers="2"
 COPY stages /work/stages
 RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.convert, stages.quantize, stages.report, stages.smoke, stages.evaluate'
+ARG KILN_SOURCE=unknown
+LABEL org.kiln.source="${KILN_SOURCE}"
 USER ${UID}:${GID}
 ENTRYPOINT []
 CMD ["python", "-m", "stages.convert", "--help"]

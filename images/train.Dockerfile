@@ -39,8 +39,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; from trl import SFTConfig, SFTTrainer'
 
 WORKDIR /work
+# The last two layers hold the code (docker_runtime.py: SOURCE_LAYERS_LABEL); the source digest labels it.
+LABEL org.kiln.source-layers="2"
 COPY stages /work/stages
 RUN PYTHONDONTWRITEBYTECODE='' python -c 'import stages.train'
+ARG KILN_SOURCE=unknown
+LABEL org.kiln.source="${KILN_SOURCE}"
 USER ${UID}:${GID}
 ENTRYPOINT []
 CMD ["python", "-m", "stages.train", "--help"]

@@ -26,16 +26,17 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from stages.common import llamacpp, names
+from stages.common import llamacpp, names, specs
 from stages.common.artifacts import check_free_disk, dir_size, stage_output, verify_manifest
 from stages.common.chat_template import check_parity
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import load_rows
+from stages.common.data import train_and_held_out, with_system
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
 from stages.common.model import resolve
-from stages.common.preflight import check_free_memory, convert_peak
+
+SPEC = specs.spec(names.CONVERT)
 
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"
@@ -98,13 +99,13 @@ def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path) -> None:
 def parity_conversations(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
     """The fixed conversations, each smoke message, and the first held-out prompts (chat data, when
     its files are here: an adapter trained elsewhere may come without them)."""
-    system = [{"role": "system", "content": cfg.data.system_prompt}] if cfg.data.system_prompt else []
-    out = [system + c for c in FIXED_CONVERSATIONS]
-    out += [[*system, {"role": "user", "content": m}] for m in cfg.smoke.messages]
-    files = cfg.data.eval_files or cfg.data.train_files
+    system = cfg.data.system_prompt
+    out = [with_system(system, c) for c in FIXED_CONVERSATIONS]
+    out += [with_system(system, [{"role": "user", "content": m}]) for m in cfg.smoke.messages]
+    files = [*cfg.data.train_files, *cfg.data.eval_files]
     if cfg.data.format != "text" and all(Path(f).is_file() for f in files):
-        rows, _ = load_rows(files, cfg.data)
-        out += [r["prompt"] for r in rows[:PARITY_HELD_OUT] if "prompt" in r]
+        held_out = train_and_held_out(cfg.data, cfg.training.seed).held_out
+        out += [r["prompt"] for r in held_out[:PARITY_HELD_OUT] if "prompt" in r]
     return out
 
 
@@ -172,23 +173,23 @@ def check_special_tokens(info: GGUFInfo, model_dir: Path) -> None:
 
 
 def convert(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
     # Setup: the merged checkpoint must be complete, and there must be room for the GGUF.
     merge_manifest = verify_manifest(run_dir, names.MERGE)
     if cfg.gguf.lora_adapter:
         verify_manifest(run_dir, names.TRAIN)
         llamacpp.script(LORA_CONVERTER)
-    merged = run_dir / names.MERGED_DIR
+    merged = layout.merged
     llamacpp.script(CONVERTER)
     check_free_disk(run_dir, int(dir_size(merged) * SIZE_FACTOR[cfg.gguf.outtype]), "the GGUF conversion")
-    check_free_memory(convert_peak(merged), "the GGUF conversion")
-    name = names.gguf_name(cfg.run_name, cfg.gguf.outtype)
+    SPEC.check_memory(cfg, layout)
+    name = layout.gguf(cfg.gguf.outtype).name
     metadata = base_model_fields(cfg)
 
     # Run.
     with stage_output(run_dir, names.CONVERT) as out:
-        target = out.path(f"{names.GGUF_DIR}/{name}")
+        target = out.path(layout.gguf(cfg.gguf.outtype))
         convert_checkpoint(merged, target, cfg.gguf.outtype, cfg.run_name, metadata)
         info = read_gguf(target)
         check_special_tokens(info, merged)
@@ -202,16 +203,16 @@ def convert(ctx: StageContext) -> None:
             with GGUFModel(target, n_ctx=2048) as model:
                 parity = {"checked": True, **check_parity(merged, model, parity_conversations(cfg))}
             console.print(f"chat template parity: {len(parity['conversations'])} conversations, HF == llama.cpp tokens")
-        out.path(f"{names.GGUF_DIR}/{names.PARITY_FILE}").write_text(json.dumps(parity, indent=1) + "\n")
+        out.path(layout.chat_parity).write_text(json.dumps(parity, indent=1) + "\n")
         lora = None
         if cfg.gguf.lora_adapter:
-            lora = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, names.LORA_KIND)}")
-            convert_lora(run_dir / names.ADAPTER_DIR, resolve(cfg.model).path, lora)
+            lora = out.path(layout.lora_gguf)
+            convert_lora(layout.adapter, resolve(cfg.model).path, lora)
             console.print(f"{lora.name}: {lora.stat().st_size / 2**20:.1f} MiB (apply with --lora to the base GGUF)")
 
         # Cleanup: record exactly which llama.cpp made the file, and what is in it.
         out.commit(
-            inputs={"merged": names.MERGED_DIR, "merge_outputs": len(merge_manifest[names.M_OUTPUTS])},
+            inputs={"merged": layout.rel(merged), "merge_outputs": len(merge_manifest[names.M_OUTPUTS])},
             metrics={
                 "outtype": cfg.gguf.outtype,
                 "chat_parity": len(parity.get("conversations", [])),

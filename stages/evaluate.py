@@ -12,35 +12,34 @@ space, it equals the reference answer. Writes runs/<run>/eval/exact_match.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common import llamacpp, names
+from stages.common import keys, llamacpp, names
 from stages.common.artifacts import stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import load_rows
+from stages.common.data import train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel
+from stages.common.layout import cache_dir
 from stages.common.model import resolve
 from stages.convert import convert_checkpoint
 from stages.quantize import quantize_file
-
-RESULT_FILE = "exact_match.json"
 
 
 def base_gguf(cfg: PipelineConfig) -> Path:
     """The base model at eval.quant_type, made once per base checkpoint and llama.cpp version."""
     base = resolve(cfg.model).path
-    digest = hashlib.sha256()
-    for f in [*sorted(base.glob("*.safetensors")), base / "config.json"]:
-        digest.update(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}".encode())
-    digest.update(f"{llamacpp.COMMIT}:{cfg.eval.quant_type}:{cfg.gguf.token_embedding_type}".encode())
-    cache = Path(os.environ.get(names.ENV_CACHE, names.CACHE_DIR)) / "gguf" / f"{base.name}-{digest.hexdigest()[:12]}"
+    identity = {
+        "base": keys.fingerprint([base], keys.FileHashes()),
+        "llama.cpp": llamacpp.COMMIT,
+        "type": cfg.eval.quant_type,
+        "token_embedding_type": cfg.gguf.token_embedding_type,
+    }
+    cache = cache_dir() / "gguf" / f"{base.name}-{keys.digest(identity)[:12]}"
     target = cache / f"base.{cfg.eval.quant_type}.gguf"
     if target.is_file():
         return target
@@ -57,7 +56,7 @@ def base_gguf(cfg: PipelineConfig) -> Path:
 
 
 def reference_pairs(cfg: PipelineConfig) -> list[tuple[list[dict[str, str]], str]]:
-    rows, _ = load_rows(cfg.data.eval_files or cfg.data.train_files, cfg.data)
+    rows = train_and_held_out(cfg.data, cfg.training.seed).held_out
     pairs = [(r["prompt"], r["completion"][0]["content"]) for r in rows if "prompt" in r]
     if not pairs:
         raise StageError("eval.exact_match needs chat or alpaca data with a held-out split (data.eval_files)")
@@ -77,11 +76,11 @@ def score(model_path: Path, pairs, max_tokens: int) -> tuple[float, list[dict[st
 
 
 def evaluate(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
     # Setup.
     verify_manifest(run_dir, names.QUANTIZE)
-    tuned = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.eval.quant_type)
+    tuned = layout.gguf(cfg.eval.quant_type)
     pairs = reference_pairs(cfg)
     base = base_gguf(cfg)
 
@@ -103,7 +102,7 @@ def evaluate(ctx: StageContext) -> None:
                 for (m, _), b, t in zip(pairs, base_answers, tuned_answers, strict=True)
             ],
         }
-        out.path(f"{names.EVAL_DIR}/{RESULT_FILE}").write_text(json.dumps(report, indent=1))
+        out.path(layout.exact_match).write_text(json.dumps(report, indent=1))
         out.commit(
             inputs={"base_gguf": str(base), "finetuned_gguf": tuned.name, "eval_files": cfg.data.eval_files},
             metrics={"base_exact_match": base_em, "finetuned_exact_match": tuned_em, "n": len(pairs)},

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stages.common import names
+from stages.common import keys, names, specs
 from stages.common.artifacts import check_free_disk, sha256_file, stage_output, verify_manifest
 from stages.common.cli import context, stage_parser
 from stages.common.errors import StageError, console, run_stage
@@ -71,9 +71,7 @@ from stages.common.lora_math import (
 from stages.common.model import check_weights
 from stages.common.preflight import (
     GiB,
-    check_free_memory,
     checkpoint_bytes,
-    merge_peak,
     process_memory,
     release_freed_tensors,
     reset_peak_memory,
@@ -88,6 +86,8 @@ from stages.common.safetensors_io import (
     shard_names,
     write_index,
 )
+
+SPEC = specs.spec(names.MERGE)
 
 DTYPES = ("float16", "bfloat16")
 ONTO = ("original", "dequantized")
@@ -111,6 +111,7 @@ PROMPTS = (
     "def fibonacci(n):\n    return",
     "[INST] Explain low-rank adaptation in one sentence. [/INST]",
 )
+
 # Merged-vs-unmerged logits, whole model in float32: the merged weights are rounded to the output
 # dtype, nothing else differs. Measured on the tests' tiny models: ~2e-3 (float16), ~1.5e-2 (bfloat16).
 LOGIT_TOL = {"float16": 2e-2, "bfloat16": 1e-1}
@@ -746,13 +747,6 @@ def standalone(args: argparse.Namespace) -> None:
     console.print(f"wrote {out}")
 
 
-def base_fingerprint(base_dir: Path) -> dict[str, Any]:
-    """Cheap identity of the base: small files hashed, weight shards by size (hashing 15 GB costs minutes)."""
-    small = {p.name: sha256_file(p) for p in sorted(base_dir.glob("*.json"))}
-    shards = {p.name: p.stat().st_size for p in sorted(base_dir.glob("*.safetensors"))}
-    return {"json_sha256": small, "shard_sizes": shards}
-
-
 def pipeline(args: argparse.Namespace) -> None:
     # Setup: the train stage's output must be complete and intact before anything is read.
     ctx = context(args)
@@ -760,8 +754,9 @@ def pipeline(args: argparse.Namespace) -> None:
 
     cfg = ctx.cfg
     base = resolve(cfg.model).path
-    train_manifest = verify_manifest(ctx.run_dir, names.TRAIN)
-    adapter_dir = ctx.run_dir / names.ADAPTER_DIR
+    layout = ctx.layout
+    train_manifest = verify_manifest(layout.root, names.TRAIN)
+    adapter_dir = layout.adapter
     q = cfg.quantization
     if cfg.merge.onto == "dequantized" and not q.load_in_4bit:
         raise StageError("merge.onto=dequantized needs quantization.load_in_4bit=true: the adapter saw no 4-bit base")
@@ -775,16 +770,16 @@ def pipeline(args: argparse.Namespace) -> None:
         compare=args.compare_onto,
         remote=cfg.model.trust_remote_code,
     )
-    check_free_disk(ctx.run_dir, plan.out_bytes + (64 << 20), "the merged checkpoint")
-    check_free_memory(merge_peak(base, adapter_dir), "the streaming merge")
+    check_free_disk(layout.root, plan.out_bytes + (64 << 20), "the merged checkpoint")
+    SPEC.check_memory(cfg, layout, base=base)
     # Run, then publish with a manifest.
-    with stage_output(ctx.run_dir, names.MERGE, owned=(names.MERGED_DIR,)) as out:
-        stats = merge_into(plan, out.path(names.MERGED_DIR), args)
-        train_json = ctx.run_dir / names.MANIFESTS_DIR / f"{names.TRAIN}.json"
+    with stage_output(layout.root, names.MERGE, owned=(names.MERGED_DIR,)) as out:
+        stats = merge_into(plan, out.path(layout.merged), args)
+        train_json = layout.manifest(names.TRAIN)
         out.commit(
             inputs={
                 "base": str(base),
-                "base_fingerprint": base_fingerprint(base),
+                "base_fingerprint": keys.fingerprint([base], keys.FileHashes()),
                 "adapter": names.ADAPTER_DIR,
                 "train_manifest_sha256": sha256_file(train_json),
                 "train_started_at": train_manifest.get(names.M_STARTED),

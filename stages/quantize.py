@@ -23,13 +23,14 @@ from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from stages.common import llamacpp, names
+from stages.common import llamacpp, names, specs
 from stages.common.artifacts import check_free_disk, stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import read_gguf
-from stages.common.preflight import check_free_memory, quantize_peak
+
+SPEC = specs.spec(names.QUANTIZE)
 
 QUANTIZE_TOOL = "llama-quantize"
 IMATRIX_TOOL = "llama-imatrix"
@@ -70,10 +71,6 @@ def lookup(types: list[str]) -> list[QuantType]:
             "(register another in stages/quantize.py)"
         )
     return [REGISTRY[t] for t in types]
-
-
-def check_types(types: list[str]) -> None:
-    lookup(types)
 
 
 def quantize_file(
@@ -135,27 +132,27 @@ def compute_imatrix(model: Path, text: str, out_file: Path, chunks: int) -> None
 
 
 def quantize(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
     # Setup: every type known and the tool present before any work; then the source and the disk.
     qtypes = lookup(cfg.gguf.quant_types)
     llamacpp.tool(QUANTIZE_TOOL)
     verify_manifest(run_dir, names.CONVERT)
-    src = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.gguf.outtype)
+    src = layout.gguf(cfg.gguf.outtype)
     source = read_gguf(src)
     # Nominal size + 10%, plus the vocab and metadata each file repeats. Models too narrow for
     # k-quants come out larger (fallback types), but those are small models.
     extra = source.size_bytes - source.tensor_bytes
     need = sum(int(source.n_params * q.nominal_bpw / 8 * 1.1) + extra for q in qtypes)
     check_free_disk(run_dir, need, "the quantized GGUFs")
-    check_free_memory(quantize_peak(source.largest_tensor_elements), "llama-quantize")
+    SPEC.check_memory(cfg, layout, largest_tensor_elements=source.largest_tensor_elements)
 
     # Run.
     with stage_output(run_dir, names.QUANTIZE) as out:
         imatrix = None
         if cfg.gguf.imatrix:
-            imatrix = out.path(f"{names.GGUF_DIR}/{names.IMATRIX_FILE}")
-            text = plain_text(train_and_held_out(cfg.data, cfg.training.seed)[0])
+            imatrix = out.path(layout.imatrix)
+            text = plain_text(train_and_held_out(cfg.data, cfg.training.seed).train)
             with console.status(f"{IMATRIX_TOOL}: {cfg.gguf.imatrix_chunks} chunks of training text"):
                 compute_imatrix(src, text, imatrix, cfg.gguf.imatrix_chunks)
             console.print(f"importance matrix: {imatrix.name} from {len(text) / 1e3:.0f} k characters of training text")
@@ -163,7 +160,7 @@ def quantize(ctx: StageContext) -> None:
         columns = (TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             for q in qtypes:
-                dst = out.path(f"{names.GGUF_DIR}/{names.gguf_name(cfg.run_name, q.name)}")
+                dst = out.path(layout.gguf(q.name))
                 fallback = quantize_file(
                     src, dst, q.name, cfg.gguf.token_embedding_type, imatrix=imatrix, progress=progress
                 )

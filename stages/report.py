@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from stages.common import llamacpp, names
+from stages.common import llamacpp, names, specs
 from stages.common.artifacts import read_manifest, stage_output, verify_manifest, write_json_atomic
 from stages.common.chat_template import derive_turns, modelfile
 from stages.common.cli import StageContext, context, stage_parser
@@ -38,7 +38,10 @@ from stages.common.config import PipelineConfig
 from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel, read_gguf
-from stages.common.preflight import check_free_memory, report_peak
+from stages.common.layout import RunLayout
+
+SPEC = specs.spec(names.REPORT)
+
 
 PERPLEXITY_TOOL = "llama-perplexity"
 BENCH_TOOL = "llama-bench"
@@ -187,9 +190,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def model_card(cfg: PipelineConfig, run_dir: Path, report: dict[str, Any], files: list[str]) -> str:
+def model_card(cfg: PipelineConfig, layout: RunLayout, report: dict[str, Any], files: list[str]) -> str:
     """README.md for the gguf/ folder: where the model came from and what it measures."""
-    train = read_manifest(run_dir, names.TRAIN) or {}
+    train = read_manifest(layout.root, names.TRAIN) or {}
     metrics, inputs = train.get(names.M_METRICS, {}), train.get(names.M_INPUTS, {})
     data = inputs.get("data", {})
     data_lines = [f"- `{Path(f).name}`: sha256 `{h}`, {Path(f).stat().st_size if Path(f).exists() else '?'} bytes"
@@ -211,7 +214,7 @@ def model_card(cfg: PipelineConfig, run_dir: Path, report: dict[str, Any], files
         if metrics.get("final_loss") is not None and metrics.get("eval_loss") is not None
         else "not recorded (adapter imported)"
     )
-    primary = names.gguf_name(cfg.run_name, cfg.gguf.quant_types[0])
+    primary = layout.gguf(cfg.gguf.quant_types[0]).name
     lines = [
         f"# {cfg.run_name}",
         "",
@@ -253,11 +256,11 @@ def model_card(cfg: PipelineConfig, run_dir: Path, report: dict[str, Any], files
     return "\n".join(lines)
 
 
-def ollama_files(cfg: PipelineConfig, run_dir: Path, f16: Path) -> str:
+def ollama_files(cfg: PipelineConfig, layout: RunLayout, f16: Path) -> str:
     """The Modelfile for the first quant type, derived from the merged model's own chat template."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(run_dir / names.MERGED_DIR)
+    tok = AutoTokenizer.from_pretrained(layout.merged)
     with GGUFModel(f16, n_ctx=256) as model:
         stops = sorted({model.token_text(t) for t in model.eos_ids} - {""})
         bos_text = model.token_text(model.llm.token_bos()) if model.add_bos else ""
@@ -266,7 +269,7 @@ def ollama_files(cfg: PipelineConfig, run_dir: Path, f16: Path) -> str:
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     turns = derive_turns(render, bos_text)
-    return modelfile(names.gguf_name(cfg.run_name, cfg.gguf.quant_types[0]), turns, stops, cfg.data.system_prompt)
+    return modelfile(layout.gguf(cfg.gguf.quant_types[0]).name, turns, stops, cfg.data.system_prompt)
 
 
 # --- The stage -----------------------------------------------------------------------------------
@@ -288,10 +291,9 @@ def gate(cfg: PipelineConfig, report: dict[str, Any]) -> list[str]:
     return failures
 
 
-def measure(cfg: PipelineConfig, run_dir: Path, work: Path) -> dict[str, Any]:
-    gguf_dir = run_dir / names.GGUF_DIR
-    f16 = gguf_dir / names.gguf_name(cfg.run_name, cfg.gguf.outtype)
-    text = plain_text(train_and_held_out(cfg.data, cfg.training.seed)[1])
+def measure(cfg: PipelineConfig, layout: RunLayout, work: Path) -> dict[str, Any]:
+    f16 = layout.gguf(cfg.gguf.outtype)
+    text = plain_text(train_and_held_out(cfg.data, cfg.training.seed).held_out)
     text_file, logits = work / "held_out.txt", work / "f16.logits"
     text_file.write_text(text)
 
@@ -307,7 +309,7 @@ def measure(cfg: PipelineConfig, run_dir: Path, work: Path) -> dict[str, Any]:
         )
     chunks = chunks_of(tokens, ctx, cfg.report.max_chunks, bos)
 
-    quant = read_manifest(run_dir, names.QUANTIZE)[names.M_METRICS]["types"]
+    quant = read_manifest(layout.root, names.QUANTIZE)[names.M_METRICS]["types"]
     rows = []
     with console.status("llama-perplexity on the f16 GGUF") as status:
         f16_info = read_gguf(f16)
@@ -317,7 +319,7 @@ def measure(cfg: PipelineConfig, run_dir: Path, work: Path) -> dict[str, Any]:
                      "kl_mean": None, "top1_agreement": None, **bench(f16)})  # fmt: skip
         for qtype in cfg.gguf.quant_types:
             status.update(f"llama-perplexity --kl-divergence on {qtype}")
-            path = gguf_dir / names.gguf_name(cfg.run_name, qtype)
+            path = layout.gguf(qtype)
             kl = kl_against_base(path, logits, len(chunks))
             rows.append({"type": qtype, "file": path.name, "size_bytes": quant[qtype]["size_bytes"],
                          "bits_per_weight": quant[qtype]["bits_per_weight"], "perplexity": kl.pop("ppl"),
@@ -327,7 +329,7 @@ def measure(cfg: PipelineConfig, run_dir: Path, work: Path) -> dict[str, Any]:
                 f"perplexity {rows[-1]['perplexity']:.4f} (f16 {ppl16:.4f})"
             )
         status.update("merged HF model's perplexity on the same tokens")
-        hf_ppl, hf_dtype = hf_perplexity(run_dir / names.MERGED_DIR, chunks)
+        hf_ppl, hf_dtype = hf_perplexity(layout.merged, chunks)
     console.print(f"conversion: HF perplexity {hf_ppl:.4f} ({hf_dtype}), f16 GGUF {ppl16:.4f}")
     return {
         "run_name": cfg.run_name,
@@ -347,37 +349,36 @@ def measure(cfg: PipelineConfig, run_dir: Path, work: Path) -> dict[str, Any]:
 
 
 def report(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
     # Setup: complete GGUFs and merged model, the tools present.
     for stage in (names.MERGE, names.CONVERT, names.QUANTIZE):
         verify_manifest(run_dir, stage)
     for tool in (PERPLEXITY_TOOL, BENCH_TOOL):
         llamacpp.tool(tool)
-    f16 = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.gguf.outtype)
-    check_free_memory(report_peak(run_dir / names.MERGED_DIR), "the merged model's perplexity in transformers")
+    f16 = layout.gguf(cfg.gguf.outtype)
+    SPEC.check_memory(cfg, layout)
 
     # Run: measure in a scratch folder (the saved f16 logits are hundreds of MB), then gate.
     with tempfile.TemporaryDirectory(
         prefix=f"{names.TMP_PREFIX}{names.REPORT}-{os.getpid()}-scratch-", dir=run_dir
     ) as work:
-        result = measure(cfg, run_dir, Path(work))
+        result = measure(cfg, layout, Path(work))
     failures = gate(cfg, result)
     if failures:
-        kept = run_dir / names.LOGS_DIR / f"{names.REPORT}.failed.json"
+        kept = layout.failed_report(names.REPORT)
         write_json_atomic(kept, result)
         raise StageError(f"quality gate: {'; '.join(failures)} (measurements in {kept})")
-    modelfile_text = ollama_files(cfg, run_dir, f16)
+    modelfile_text = ollama_files(cfg, layout, f16)
 
     # Cleanup: the report, its chart, the Modelfile and the model card, next to the GGUFs.
     with stage_output(run_dir, names.REPORT) as out:
-        gguf_dir = f"{names.GGUF_DIR}/"
-        write_json_atomic(out.path(gguf_dir + names.REPORT_JSON), result)
-        out.path(gguf_dir + names.REPORT_MD).write_text(report_markdown(result))
-        chart(result["types"], out.path(gguf_dir + names.REPORT_PNG), f"{cfg.run_name}: GGUF types")
-        out.path(gguf_dir + names.MODELFILE).write_text(modelfile_text)
-        files = sorted(p.name for p in (run_dir / names.GGUF_DIR).glob("*.gguf"))
-        out.path(gguf_dir + names.MODEL_CARD).write_text(model_card(cfg, run_dir, result, files))
+        write_json_atomic(out.path(layout.report_json), result)
+        out.path(layout.report_md).write_text(report_markdown(result))
+        chart(result["types"], out.path(layout.report_png), f"{cfg.run_name}: GGUF types")
+        out.path(layout.modelfile).write_text(modelfile_text)
+        files = sorted(p.name for p in layout.gguf_dir.glob("*.gguf"))
+        out.path(layout.model_card).write_text(model_card(cfg, layout, result, files))
         out.commit(
             inputs={"types": [r["file"] for r in result["types"]]},
             metrics={

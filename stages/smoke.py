@@ -28,6 +28,7 @@ from rich.markup import escape
 from stages.common import llamacpp, names
 from stages.common.artifacts import stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
+from stages.common.data import with_system
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel, read_gguf
 
@@ -35,18 +36,14 @@ from stages.common.gguf_runtime import GGUFModel, read_gguf
 PROMPT_BUDGET = 1024
 
 
-def with_system(system: str | None, turns: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": system}, *turns] if system else turns
-
-
 def smoke(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
     # Setup: something to ask, a complete quantize output, a chat template when messages need one.
     if not (cfg.smoke.prompts or cfg.smoke.messages):
         raise StageError("smoke: no prompts or messages configured; add smoke.prompts or smoke.messages")
     verify_manifest(run_dir, names.QUANTIZE)
-    path = run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, cfg.smoke_quant_type)
+    path = layout.gguf(cfg.smoke_quant_type)
     info = read_gguf(path)
     if cfg.smoke.messages and not info.get("tokenizer.chat_template"):
         raise StageError(
@@ -97,7 +94,7 @@ def smoke(ctx: StageContext) -> None:
     # Cleanup: the answers, for people (smoke.json) and for the build graph (the manifest).
     with stage_output(run_dir, names.SMOKE) as out:
         report = {"gguf": path.name, "system_prompt": system, "max_tokens": cfg.smoke.max_tokens, "answers": results}
-        out.path(names.SMOKE_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        out.path(layout.smoke).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         out.commit(
             inputs={"gguf": path.name},
             metrics={"passed": len(results), "answers": results},

@@ -22,20 +22,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.common import names
+from stages.common import names, specs
 from stages.common.artifacts import check_free_disk, sha256_file, stage_output
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import check_report, drop_too_long, load_rows, split_rows
+from stages.common.data import check_report, drop_too_long, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.model import resolve
-from stages.common.preflight import check_free_memory, train_peak
 
 GPU_FIX = (
     "training.device is 'cuda' but no CUDA GPU is visible; give the container a GPU "
     "(compose: the train service's deploy.resources.reservations.devices; docker run: --gpus all; "
     "host: install the NVIDIA driver and nvidia-container-toolkit), or set training.device=cpu"
 )
+
+SPEC = specs.spec(names.TRAIN)
+
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 CONFIG_STAMP = "config.sha256"
 
@@ -88,23 +90,20 @@ def load_tokenizer(path: Path, cfg: PipelineConfig):
 
 
 def prepare_rows(cfg: PipelineConfig, tokenizer) -> tuple[list, list, dict[str, Any]]:
-    train, report = load_rows(cfg.data.train_files, cfg.data)
-    if cfg.data.eval_files:
-        held, eval_report = load_rows(cfg.data.eval_files, cfg.data)
-    else:
-        train, held = split_rows(train, cfg.data.eval_fraction, cfg.training.seed)
-        eval_report = None
-    train = drop_too_long(train, tokenizer, cfg.data.max_seq_length, report)
+    split = train_and_held_out(cfg.data, cfg.training.seed)
+    report = split.train_report
+    train = drop_too_long(split.train, tokenizer, cfg.data.max_seq_length, report)
     check_report(report, cfg.data.max_bad_fraction, "training data")
-    stats = {"train_rows": len(train), "eval_rows": len(held), "dropped_malformed": report.malformed}
+    stats = {"train_rows": len(train), "eval_rows": len(split.held_out), "dropped_malformed": report.malformed}
     stats["dropped_too_long"] = report.too_long
     if report.dropped:
         console.print(
             f"dropped {report.dropped} of {report.total} training rows ({report.malformed} malformed, "
             f"{report.too_long} over {cfg.data.max_seq_length} tokens)"
         )
-    if eval_report is not None:
-        held = drop_too_long(held, tokenizer, cfg.data.max_seq_length, eval_report)
+    held = split.held_out
+    if split.held_out_report is not None:
+        held = drop_too_long(held, tokenizer, cfg.data.max_seq_length, split.held_out_report)
     return train, held, stats
 
 
@@ -323,7 +322,7 @@ def latest_checkpoint(ckpt_dir: Path, digest: str) -> Path | None:
 
 
 def train(ctx: StageContext) -> None:
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+    cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
     if "WORLD_SIZE" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ and cfg.training.gpus == 1:
         # One process seeing several GPUs would make Trainer wrap the model in nn.DataParallel,
         # which 4-bit models do not support; several GPUs go through accelerate (training.gpus).
@@ -335,10 +334,8 @@ def train(ctx: StageContext) -> None:
     tokenizer = load_tokenizer(resolved.path, cfg)
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
-    t = cfg.training
-    peak = train_peak(resolved.path, device, t.batch_size, cfg.data.max_seq_length, t.bf16 or t.fp16)
-    check_free_memory(peak, f"loading the base model and training on the {device}")
-    ckpt_dir = run_dir / names.CHECKPOINTS_DIR
+    SPEC.check_memory(cfg, layout, base=resolved.path, device=device)
+    ckpt_dir = layout.checkpoints
     data_sha = data_digests(cfg)  # hashed once: the resume check and the manifest both need it
     resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha))
     console.print(
@@ -364,11 +361,11 @@ def train(ctx: StageContext) -> None:
                 "check the data, or keep quantization.compute_dtype=bfloat16"
             ) from None
         eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
-        adapter_dir = out.path(names.ADAPTER_DIR)
+        adapter_dir = out.path(layout.adapter)
         trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
-        (adapter_dir / "training_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        out.path(layout.training_log).write_text(json.dumps(trainer.state.log_history, indent=1))
 
         # Cleanup: the manifest records what went in and what came out.
         tokens = int(trainer.state.num_input_tokens_seen or 0)

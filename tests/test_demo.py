@@ -16,7 +16,10 @@ import pytest
 
 from stages.common import names
 from stages.common import pipeline as graph
+from stages.common.artifacts import read_manifest
 from stages.common.config import load_config
+from stages.common.data import train_and_held_out
+from stages.common.layout import RunLayout
 from stages.common.runtime import LocalRuntime
 
 pytestmark = pytest.mark.demo
@@ -31,10 +34,6 @@ def demo_run(tmp_path_factory, llama_cpp_built):
     return cfg, run_dir, results
 
 
-def manifest(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text())
-
-
 def test_all_stages_passed(demo_run):
     _, _, results = demo_run
     assert [r.status for r in results] == ["ran"] * 8, results
@@ -42,7 +41,7 @@ def test_all_stages_passed(demo_run):
 
 def test_finetuned_clearly_beats_base(demo_run):
     _, run_dir, _ = demo_run
-    m = manifest(run_dir, names.EVALUATE)["metrics"]
+    m = read_manifest(run_dir, names.EVALUATE)["metrics"]
     assert m["n"] == 100
     assert m["finetuned_exact_match"] >= 0.8
     assert m["base_exact_match"] <= 0.3
@@ -51,7 +50,7 @@ def test_finetuned_clearly_beats_base(demo_run):
 
 def test_smoke_on_q4_k_m_stopped_at_eos(demo_run):
     _, run_dir, _ = demo_run
-    smoke = manifest(run_dir, names.SMOKE)
+    smoke = read_manifest(run_dir, names.SMOKE)
     assert smoke["inputs"]["gguf"].endswith(".Q4_K_M.gguf")
     assert all(a["stopped_at_eos"] and a["output"].strip() for a in smoke["metrics"]["answers"])
 
@@ -62,15 +61,15 @@ def test_top1_agreement_with_merged_hf(demo_run, kind, floor):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.common.data import load_rows
     from stages.common.gguf_runtime import GGUFModel
 
     cfg, run_dir, _ = demo_run
-    merged = run_dir / names.MERGED_DIR
+    layout = RunLayout.of(cfg, run_dir)
+    merged = layout.merged
     tok = AutoTokenizer.from_pretrained(merged)
     hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
-    gguf = GGUFModel(run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, kind), n_ctx=512, logits_all=True)
-    rows, _ = load_rows(cfg.data.eval_files, cfg.data)
+    gguf = GGUFModel(layout.gguf(kind), n_ctx=512, logits_all=True)
+    rows = train_and_held_out(cfg.data, cfg.training.seed).held_out
     same = total = 0
     for row in rows[:12]:
         ids = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
@@ -86,14 +85,15 @@ def test_top1_agreement_with_merged_hf(demo_run, kind, floor):
 
 def test_quality_report_and_parity(demo_run):
     cfg, run_dir, _ = demo_run
-    report = json.loads((run_dir / names.GGUF_DIR / names.REPORT_JSON).read_text())
+    layout = RunLayout.of(cfg, run_dir)
+    report = json.loads(layout.report_json.read_text())
     rows = {r["type"]: r for r in report["types"]}
     assert list(rows) == ["f16", "Q4_K_M", "Q8_0"]
     assert abs(report["conversion"]["relative_delta"]) <= 0.005
     # Measured 0.032 and 0.0012 (README); the gate's defaults hold with room.
     assert rows["Q8_0"]["kl_mean"] < rows["Q4_K_M"]["kl_mean"] <= cfg.report.max_kl["Q4_K_M"]
     assert rows["Q8_0"]["top1_agreement"] >= 0.97
-    parity = json.loads((run_dir / names.GGUF_DIR / names.PARITY_FILE).read_text())
+    parity = json.loads(layout.chat_parity.read_text())
     assert parity["checked"] and len(parity["conversations"]) == 8  # 2 fixed, 1 smoke, 5 held out
     assert parity["gguf"]["eos_token_id"] == parity["hf"]["eos_token_id"]
 
@@ -101,7 +101,6 @@ def test_quality_report_and_parity(demo_run):
 def test_lora_gguf_on_base_answers_as_the_merged_gguf(demo_run, tmp_path):
     """The base f16 GGUF with --lora demo.lora.f16.gguf vs the merged f16 GGUF, greedy, on held-out
     prompts: the same answers."""
-    from stages.common.data import load_rows
     from stages.common.gguf_runtime import GGUFModel
     from stages.common.model import resolve
     from stages.convert import convert_checkpoint
@@ -109,11 +108,11 @@ def test_lora_gguf_on_base_answers_as_the_merged_gguf(demo_run, tmp_path):
     cfg, run_dir, _ = demo_run
     base = tmp_path / "base.f16.gguf"
     convert_checkpoint(resolve(cfg.model).path, base, "f16", "base")
-    gguf_dir = run_dir / names.GGUF_DIR
-    rows, _ = load_rows(cfg.data.eval_files, cfg.data)
+    layout = RunLayout.of(cfg, run_dir)
+    rows = train_and_held_out(cfg.data, cfg.training.seed).held_out
     with (
-        GGUFModel(base, n_ctx=512, lora=gguf_dir / names.gguf_name(cfg.run_name, names.LORA_KIND)) as with_lora,
-        GGUFModel(gguf_dir / names.gguf_name(cfg.run_name, "f16"), n_ctx=512) as merged,
+        GGUFModel(base, n_ctx=512, lora=layout.lora_gguf) as with_lora,
+        GGUFModel(layout.gguf("f16"), n_ctx=512) as merged,
     ):
         answers = []
         for row in rows[:10]:

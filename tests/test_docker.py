@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import names
+from stages.common import names, specs
 from stages.common import pipeline as graph
+from stages.common.artifacts import read_manifest
 from stages.common.config import load_config
+from stages.common.layout import RunLayout
 
 docker_runtime = pytest.importorskip("stages.common.docker_runtime")
 pytestmark = pytest.mark.docker
@@ -132,7 +134,8 @@ def test_train_on_cuda_without_gpu_fails_with_the_fix(images, tmp_path):
     shutil.rmtree(run, ignore_errors=True)
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["run_name=docker-nogpu", "training.device=cuda"])
     config_path = graph.freeze_config(cfg, run)
-    cmd = docker_runtime.DockerRuntime().command(names.TRAIN, ["--config", config_path.relative_to(ROOT).as_posix()])
+    args = ["--config", config_path.relative_to(ROOT).as_posix()]
+    cmd = docker_runtime.DockerRuntime().command(specs.spec(names.TRAIN), args)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     shutil.rmtree(run, ignore_errors=True)
     assert proc.returncode == 2
@@ -152,9 +155,10 @@ def docker_demo(images):
 def test_demo_pipeline_in_containers(docker_demo):
     _, run, results = docker_demo
     assert [r.status for r in results] == ["ran"] * 8, results
-    report = json.loads((run / names.GGUF_DIR / names.REPORT_JSON).read_text())  # the report stage, in its image
+    layout = RunLayout(run, "demo-docker")
+    report = json.loads(layout.report_json.read_text())  # the report stage, in its image
     assert abs(report["conversion"]["relative_delta"]) <= 0.005
-    metrics = json.loads((run / names.MANIFESTS_DIR / "evaluate.json").read_text())["metrics"]
+    metrics = read_manifest(run, names.EVALUATE)["metrics"]
     assert metrics["finetuned_exact_match"] >= 0.8 > 0.3 >= metrics["base_exact_match"]
     assert {p.stat().st_uid for p in run.rglob("*")} == {os.getuid()}, "files belong to the invoking user"
 
@@ -174,20 +178,21 @@ def test_demo_cpu_stages_as_a_uid_without_an_account(docker_demo, tmp_path, monk
     uid = 4242
     model = Path(cfg.model.name_or_path)
     project = tmp_path / "project"
-    dest = project / names.RUNS_DIR / run.name
+    src, dest = RunLayout(run, run.name), RunLayout(project / names.RUNS_DIR / run.name, run.name)
     shutil.copytree(ROOT / model, project / model)
-    shutil.copytree(run / names.ADAPTER_DIR, dest / names.ADAPTER_DIR)
-    shutil.copy2(run / names.RUN_CONFIG, dest / names.RUN_CONFIG)
-    (dest / names.MANIFESTS_DIR).mkdir()
-    shutil.copy2(run / names.MANIFESTS_DIR / f"{names.TRAIN}.json", dest / names.MANIFESTS_DIR)
+    shutil.copytree(src.adapter, dest.adapter)
+    shutil.copy2(src.config, dest.config)
+    dest.manifest(names.TRAIN).parent.mkdir()
+    shutil.copy2(src.manifest(names.TRAIN), dest.manifest(names.TRAIN))
     (project / names.CACHE_DIR).mkdir(exist_ok=True)
     for path in [project, *project.rglob("*")]:
         os.chown(path, uid, uid)
     monkeypatch.chdir(project)
     for stage in (names.MERGE, names.CONVERT):
-        cmd = docker_runtime.DockerRuntime().command(stage, ["--config", f"{dest.relative_to(project)}/config.yaml"])
+        args = ["--config", dest.config.relative_to(project).as_posix()]
+        cmd = docker_runtime.DockerRuntime().command(specs.spec(stage), args)
         cmd[cmd.index("--user") + 1] = f"{uid}:{uid}"
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, (stage, proc.stderr[-2000:])
-    assert (dest / names.GGUF_DIR / names.gguf_name(run.name, names.DEFAULT_OUTTYPE)).is_file()
+    assert dest.gguf(names.DEFAULT_OUTTYPE).is_file()
     assert {p.stat().st_uid for p in project.rglob("*")} == {uid}

@@ -18,18 +18,25 @@ import pytest
 import yaml
 
 from stages.common import docker_runtime as d
-from stages.common import names
+from stages.common import keys, names, specs
 from stages.common.errors import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {key: ROOT / "images" / f"{key}.Dockerfile" for key in d.IMAGES}
 
 
+def fake_image(image: str) -> dict:
+    """What `docker image inspect` says of an image built from this checkout."""
+    labels = {d.SOURCE_LAYERS_LABEL: "2", d.SOURCE_LABEL: d.source_digest()}
+    layers = [f"sha256:{image}-deps", "sha256:code", "sha256:bytecode"]
+    return {"Id": f"sha256:{image}", "RootFS": {"Layers": layers}, "Config": {"Labels": labels}}
+
+
 @pytest.fixture
 def runtime(monkeypatch, tmp_path):
     """A DockerRuntime whose images all 'exist', run from an empty project folder."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(d, "image_id", lambda image: f"sha256:{image}")
+    monkeypatch.setattr(d, "image_meta", fake_image)
     monkeypatch.setattr(d, "gpu_support", lambda: False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("KILN_GPUS", raising=False)
@@ -41,14 +48,13 @@ def _value(cmd: list[str], flag: str) -> list[str]:
 
 
 def test_every_stage_has_an_image_and_every_image_a_dockerfile():
-    assert set(d.STAGE_IMAGE) == set(names.STAGES)
-    assert set(d.STAGE_IMAGE.values()) == set(d.IMAGES)
+    assert {s.image for s in specs.STAGES} == set(d.IMAGES) == set(specs.IMAGES)
     for path in DOCKERFILES.values():
         assert path.is_file(), path
 
 
 def test_run_command_is_the_local_entry_point_as_the_invoking_user(runtime, tmp_path):
-    cmd = runtime.command(names.MERGE, ["--config", "runs/x/config.yaml"])
+    cmd = runtime.command(specs.spec(names.MERGE), ["--config", "runs/x/config.yaml"])
     image_at = cmd.index("kiln-merge")
     assert cmd[:3] == [d.DOCKER, "run", "--rm"]
     assert cmd[image_at + 1 :] == ["python", "-m", "stages.merge", "--config", "runs/x/config.yaml"]
@@ -59,50 +65,63 @@ def test_run_command_is_the_local_entry_point_as_the_invoking_user(runtime, tmp_
     assert (tmp_path / "runs").is_dir() and (tmp_path / "cache").is_dir(), "mount sources are created"
 
 
-@pytest.mark.parametrize("stage", names.STAGES)
+@pytest.mark.parametrize("stage", specs.NAMES)
 def test_network_only_where_a_stage_may_download(runtime, stage):
-    cmd = runtime.command(stage, [])
-    offline = d.STAGE_IMAGE[stage] != "train"
+    cmd = runtime.command(specs.spec(stage), [])
+    offline = stage != names.TRAIN
     assert (_value(cmd, "--network") == ["none"]) is offline
     assert ("HF_HUB_OFFLINE=1" in _value(cmd, "-e")) is offline
 
 
 def test_token_is_passed_by_name_to_train_only(runtime, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    train = runtime.command(names.TRAIN, [])
+    train = runtime.command(specs.spec(names.TRAIN), [])
     assert "HF_TOKEN" in _value(train, "-e")
     assert not any("hf_secret_value" in part for part in train), "the value stays in the environment"
-    assert "HF_TOKEN" not in _value(runtime.command(names.MERGE, []), "-e")
+    assert "HF_TOKEN" not in _value(runtime.command(specs.spec(names.MERGE), []), "-e")
 
 
 def test_gpus_for_train_when_the_engine_has_nvidia_support(runtime, monkeypatch):
-    assert "--gpus" not in runtime.command(names.TRAIN, [])
+    assert "--gpus" not in runtime.command(specs.spec(names.TRAIN), [])
     monkeypatch.setattr(d, "gpu_support", lambda: True)
-    assert _value(runtime.command(names.TRAIN, []), "--gpus") == ["all"]
-    assert "--gpus" not in runtime.command(names.MERGE, [])
+    assert _value(runtime.command(specs.spec(names.TRAIN), []), "--gpus") == ["all"]
+    assert "--gpus" not in runtime.command(specs.spec(names.MERGE), [])
     monkeypatch.setenv("KILN_GPUS", "device=1")
-    assert _value(runtime.command(names.TRAIN, []), "--gpus") == ["device=1"]
+    assert _value(runtime.command(specs.spec(names.TRAIN), []), "--gpus") == ["device=1"]
     monkeypatch.setenv("KILN_GPUS", "none")
-    assert "--gpus" not in runtime.command(names.TRAIN, [])
+    assert "--gpus" not in runtime.command(specs.spec(names.TRAIN), [])
 
 
 def test_missing_image_names_the_build_command(runtime, monkeypatch):
-    monkeypatch.setattr(d, "image_id", lambda image: None)
+    monkeypatch.setattr(d, "image_meta", lambda image: None)
     with pytest.raises(StageError, match=r"kiln-gguf not found; build it with `invoke build --stage gguf`"):
-        runtime.command(names.QUANTIZE, [])
-    assert runtime.identity(names.QUANTIZE) == "missing"
+        runtime.command(specs.spec(names.QUANTIZE), [])
+    assert runtime.identity(specs.spec(names.QUANTIZE)) == "missing"
 
 
 def test_unwritable_runs_folder_is_one_clear_error(runtime, monkeypatch, tmp_path):
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "runs" and real_access(p, mode))
     with pytest.raises(StageError, match=r"runs is not writable by uid"):
-        runtime.command(names.MERGE, [])
+        runtime.command(specs.spec(names.MERGE), [])
 
 
-def test_identity_is_the_image_id(runtime):
-    assert runtime.identity(names.TRAIN) == "sha256:kiln-train"
-    assert runtime.identity(names.SMOKE) == "sha256:kiln-gguf"
+def test_identity_is_the_images_dependency_layers(runtime, monkeypatch):
+    """The layers that hold stages/ are left out (a stage's code is in its key by itself), so a
+    change to one module does not rebuild every stage that runs in the image."""
+    train = runtime.identity(specs.spec(names.TRAIN))
+    assert train == keys.digest(["sha256:kiln-train-deps"])
+    assert runtime.identity(specs.spec(names.SMOKE)) == runtime.identity(specs.spec(names.QUANTIZE)) != train
+    other_code = lambda image: {**fake_image(image), "RootFS": {"Layers": [f"sha256:{image}-deps", "x", "y"]}}  # noqa: E731
+    monkeypatch.setattr(d, "image_meta", other_code)
+    assert runtime.identity(specs.spec(names.TRAIN)) == train
+
+
+def test_an_image_built_from_other_code_is_refused(runtime, monkeypatch):
+    stale = lambda image: {**fake_image(image), "Config": {"Labels": {d.SOURCE_LABEL: "0123456789abcdef"}}}  # noqa: E731
+    monkeypatch.setattr(d, "image_meta", stale)
+    with pytest.raises(StageError, match=r"kiln-merge holds other code than stages/ .*invoke build --stage merge"):
+        runtime.command(specs.spec(names.MERGE), [])
 
 
 def test_build_passes_the_ca_bundle_as_a_secret_only(monkeypatch, tmp_path):
@@ -115,7 +134,12 @@ def test_build_passes_the_ca_bundle_as_a_secret_only(monkeypatch, tmp_path):
     (cmd, kw) = calls[0]
     assert cmd[:2] == [d.DOCKER, "build"] and kw["env"]["DOCKER_BUILDKIT"] == "1"
     assert _value(cmd, "--secret") == [f"id=ca,src={ca}"]
-    assert _value(cmd, "--build-arg") == ["BASE_IMAGE=kiln-base:bookworm", "TORCH_INDEX_URL=", "JOBS=4"]
+    assert _value(cmd, "--build-arg") == [
+        "BASE_IMAGE=kiln-base:bookworm",
+        "TORCH_INDEX_URL=",
+        "JOBS=4",
+        f"KILN_SOURCE={d.source_digest()}",
+    ]
     assert _value(cmd, "-f") == [str(DOCKERFILES["gguf"])] and _value(cmd, "-t") == ["kiln-gguf"]
     with pytest.raises(StageError, match="--ca-bundle"):
         d.build_image("gguf", ca_bundle=tmp_path / "missing.pem")
@@ -146,8 +170,12 @@ def test_dockerfile_rules(key):
     assert user == ["${UID}:${GID}"] and ("ARG", "UID=10001") in runtime_stage, "a fixed, non-root UID/GID"
     source = runtime_stage.index(("COPY", "stages /work/stages"))
     after = runtime_stage[source + 1 :]
-    assert {op for op, _ in after} <= {"RUN", "USER", "ENTRYPOINT", "CMD"}, "dependencies first, source last"
+    assert {op for op, _ in after} <= {"RUN", "ARG", "LABEL", "USER", "ENTRYPOINT", "CMD"}, "source last"
     assert not any("install" in args for _, args in after), "dependencies first, source last"
+    # The label that tells the runtime which layers hold the code counts the COPY and what follows it.
+    layers = 1 + sum(op == "RUN" for op, _ in after)
+    assert ("LABEL", f'{d.SOURCE_LAYERS_LABEL}="{layers}"') in runtime_stage[:source]
+    assert ("LABEL", f'{d.SOURCE_LABEL}="${{KILN_SOURCE}}"') in after
     for op, args in steps:
         if op == "RUN" and ";" in args:
             assert "set -eux;" in args, f"RUN without set -eux: {args[:80]}"

@@ -17,14 +17,21 @@ from pathlib import Path
 import pytest
 from conftest import copy_run, repeat_rows, run_stage, tiny_pipeline
 
-from stages.common import names
+from stages.common import names, specs
 from stages.common import pipeline as graph
+from stages.common.artifacts import read_manifest
+from stages.common.layout import RunLayout
 from stages.common.runtime import LocalRuntime
 
 pytestmark = pytest.mark.e2e
 
 MERGE_TOL = 2e-2
 GGUF_TOL = 3e-2
+
+
+def tiny(run_dir: Path) -> RunLayout:
+    """The layout of a copy of the tiny run (run_name tiny)."""
+    return RunLayout(run_dir, "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +70,6 @@ def tiny_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
     return cfg, run_dir, results, tiny_mistral
 
 
-def manifest(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text())
-
-
 def test_every_stage_ran(tiny_run):
     _, _, results, _ = tiny_run
     assert [(r.stage, r.status) for r in results] == [
@@ -76,7 +79,7 @@ def test_every_stage_ran(tiny_run):
 
 def test_train_loss_goes_down(tiny_run):
     _, run_dir, _, _ = tiny_run
-    m = manifest(run_dir, names.TRAIN)["metrics"]
+    m = read_manifest(run_dir, names.TRAIN)["metrics"]
     curve = [loss for _, loss in m["loss_curve"]]
     assert len(curve) == 6
     assert curve[-1] < 0.3 * curve[0], curve
@@ -96,8 +99,8 @@ def test_merged_logits_equal_base_plus_adapter(tiny_run):
     _, run_dir, _, base_dir = tiny_run
     tok = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    ref = PeftModel.from_pretrained(base, run_dir / names.ADAPTER_DIR).eval()
-    merged = AutoModelForCausalLM.from_pretrained(run_dir / names.MERGED_DIR, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(base, tiny(run_dir).adapter).eval()
+    merged = AutoModelForCausalLM.from_pretrained(tiny(run_dir).merged, dtype=torch.float32).eval()
     with torch.no_grad():
         for ids in _token_batch(tok):
             x = torch.tensor([ids])
@@ -113,11 +116,11 @@ def test_f16_gguf_logits_match_merged_hf(tiny_run):
 
     from stages.common.gguf_runtime import GGUFModel
 
-    cfg, run_dir, _, _ = tiny_run
-    merged_dir = run_dir / names.MERGED_DIR
+    _, run_dir, _, _ = tiny_run
+    merged_dir = tiny(run_dir).merged
     tok = AutoTokenizer.from_pretrained(merged_dir)
     hf = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    gguf = GGUFModel(run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, "f16"), n_ctx=128, logits_all=True)
+    gguf = GGUFModel(tiny(run_dir).gguf("f16"), n_ctx=128, logits_all=True)
     same = total = 0
     for ids in _token_batch(tok):
         assert gguf.tokenize(tok.decode(ids, skip_special_tokens=True)) == ids, "same tokens in HF and llama.cpp"
@@ -133,17 +136,17 @@ def test_f16_gguf_logits_match_merged_hf(tiny_run):
 
 
 def test_quantized_files_and_bits_per_weight(tiny_run):
-    cfg, run_dir, _, _ = tiny_run
-    types = manifest(run_dir, names.QUANTIZE)["metrics"]["types"]
+    _, run_dir, _, _ = tiny_run
+    types = read_manifest(run_dir, names.QUANTIZE)["metrics"]["types"]
     assert set(types) == {"Q8_0", "Q4_K_M"}
     assert types["Q4_K_M"]["size_bytes"] < types["Q8_0"]["size_bytes"]
     for qtype in types:
-        assert (run_dir / names.GGUF_DIR / names.gguf_name(cfg.run_name, qtype)).is_file()
+        assert tiny(run_dir).gguf(qtype).is_file()
 
 
 def test_smoke_answered_and_stopped_at_eos(tiny_run):
     _, run_dir, _, _ = tiny_run
-    answers = manifest(run_dir, names.SMOKE)["metrics"]["answers"]
+    answers = read_manifest(run_dir, names.SMOKE)["metrics"]["answers"]
     assert answers[0]["stopped_at_eos"] is True
     # The tiny model learns the answer's form (one letter, four times, then EOS) within 60 steps;
     # copying the right letter is beyond it, so the form is what is asserted.
@@ -153,7 +156,7 @@ def test_smoke_answered_and_stopped_at_eos(tiny_run):
 def test_llama_cpp_commit_recorded(tiny_run):
     _, run_dir, _, _ = tiny_run
     for stage in (names.CONVERT, names.QUANTIZE, names.REPORT, names.SMOKE):
-        assert manifest(run_dir, stage)[names.M_LLAMA_CPP]["commit"] == "0c1e57098"
+        assert read_manifest(run_dir, stage)[names.M_LLAMA_CPP]["commit"] == "0c1e57098"
 
 
 def test_second_run_is_up_to_date(tiny_run):
@@ -169,11 +172,11 @@ def test_smoke_fails_without_eos(tiny_run, tmp_path):
         tree["smoke"] = {"prompts": ["dates numbers colours"], "quant_type": "Q8_0", "max_tokens": 4}
 
     copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny", no_eos)
-    (copy / names.MANIFESTS_DIR / "smoke.json").unlink()
+    tiny(copy).manifest(names.SMOKE).unlink()
     proc = run_stage(names.SMOKE, copy)
     assert proc.returncode == 2
     assert "no EOS within 4 tokens" in proc.stderr
-    assert not (copy / names.MANIFESTS_DIR / "smoke.json").exists()
+    assert not tiny(copy).manifest(names.SMOKE).exists()
 
 
 # --- Quality report, gate, LoRA GGUF -----------------------------------------------------------
@@ -181,8 +184,7 @@ def test_smoke_fails_without_eos(tiny_run, tmp_path):
 
 def test_report_measures_every_type(tiny_run):
     cfg, run_dir, results, _ = tiny_run
-    gguf_dir = run_dir / names.GGUF_DIR
-    report = json.loads((gguf_dir / names.REPORT_JSON).read_text())
+    report = json.loads(tiny(run_dir).report_json.read_text())
     rows = {r["type"]: r for r in report["types"]}
     assert list(rows) == ["f16", "Q8_0", "Q4_K_M"]
     assert rows["f16"]["kl_mean"] is None
@@ -196,23 +198,22 @@ def test_report_measures_every_type(tiny_run):
     assert conv["hf_dtype"] == "float32"
     assert abs(conv["relative_delta"]) <= 0.005, conv
     assert report["text"]["chunks"] >= 2
-    assert (gguf_dir / names.REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = (gguf_dir / names.REPORT_MD).read_text()
+    assert tiny(run_dir).report_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = tiny(run_dir).report_md.read_text()
     assert "| Q4_K_M |" in md and "report.png" in md
     graph.summarize(cfg, run_dir, results)
-    assert f"({names.GGUF_DIR}/{names.REPORT_MD})" in (run_dir / names.SUMMARY_MD).read_text()
+    assert f"(gguf/{names.REPORT_MD})" in tiny(run_dir).summary_md.read_text()
 
 
 def test_model_card_and_modelfile(tiny_run):
     _, run_dir, _, _ = tiny_run
-    gguf_dir = run_dir / names.GGUF_DIR
-    card = (gguf_dir / names.MODEL_CARD).read_text()
-    train = manifest(run_dir, names.TRAIN)
+    card = tiny(run_dir).model_card.read_text()
+    train = read_manifest(run_dir, names.TRAIN)
     for sha in train["inputs"]["data"].values():
         assert sha in card
     assert f"final {train['metrics']['final_loss']:.4f}" in card
     assert '"r": 16' in card and "| Q8_0 |" in card
-    modelfile = (gguf_dir / names.MODELFILE).read_text()
+    modelfile = tiny(run_dir).modelfile.read_text()
     assert modelfile.startswith("FROM ./tiny.Q8_0.gguf\n")
     # Derived from the checkpoint's own [INST] template; BOS left to llama.cpp; stops at </s>.
     assert '{{ if eq $prev "" }}[INST] {{ else if eq $prev "assistant" }}</s>[INST] {{ end }}' in modelfile
@@ -225,13 +226,13 @@ def test_quality_gate_fails_with_the_numbers_and_keeps_the_report(tiny_run, tmp_
         tree["report"]["max_kl"] = {"Q4_K_M": 1e-9}
 
     copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny", strict)
-    before = (copy / names.GGUF_DIR / names.REPORT_JSON).read_bytes()
+    before = tiny(copy).report_json.read_bytes()
     proc = run_stage(names.REPORT, copy)
     assert proc.returncode == 2
     err = " ".join(proc.stderr.split())
     assert "quality gate: Q4_K_M mean KL vs f16 is" in err and "report.max_kl.Q4_K_M=1e-09" in err
-    assert (copy / names.GGUF_DIR / names.REPORT_JSON).read_bytes() == before  # the last good report
-    assert json.loads((copy / names.LOGS_DIR / "report.failed.json").read_text())["types"]
+    assert tiny(copy).report_json.read_bytes() == before  # the last good report
+    assert json.loads(tiny(copy).failed_report(names.REPORT).read_text())["types"]
     assert not list(copy.glob(f"{names.TMP_PREFIX}*"))
 
 
@@ -241,14 +242,13 @@ def test_lora_gguf_on_the_base_matches_the_merged_gguf(tiny_run, tmp_path):
     from stages.common.gguf_runtime import GGUFModel
     from stages.convert import convert_checkpoint
 
-    cfg, run_dir, _, base_dir = tiny_run
-    gguf_dir = run_dir / names.GGUF_DIR
+    _, run_dir, _, base_dir = tiny_run
     base = tmp_path / "base.f16.gguf"
     convert_checkpoint(base_dir, base, "f16", "base")
-    lora = gguf_dir / names.gguf_name(cfg.run_name, names.LORA_KIND)
+    lora = tiny(run_dir).lora_gguf
     with (
         GGUFModel(base, n_ctx=128, logits_all=True, lora=lora) as with_lora,
-        GGUFModel(gguf_dir / names.gguf_name(cfg.run_name, "f16"), n_ctx=128, logits_all=True) as merged,
+        GGUFModel(tiny(run_dir).gguf("f16"), n_ctx=128, logits_all=True) as merged,
     ):
         for prompt in ["[INST] repeat c [/INST]", "[INST] repeat f [/INST]", "the model learns"]:
             ids = merged.tokenize(prompt)
@@ -268,12 +268,12 @@ def test_imatrix_quantization(tiny_run, tmp_path):
     copy = copy_run(run_dir, tmp_path / "runs" / "tiny", with_imatrix)
     proc = run_stage(names.QUANTIZE, copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    m = manifest(copy, names.QUANTIZE)
+    m = read_manifest(copy, names.QUANTIZE)
     assert m["inputs"]["imatrix"] == names.IMATRIX_FILE
-    assert f"{names.GGUF_DIR}/{names.IMATRIX_FILE}" in m[names.M_OUTPUTS]
-    q4 = names.gguf_name("tiny", "Q4_K_M")
+    assert tiny(copy).rel(tiny(copy).imatrix) in m[names.M_OUTPUTS]
+
     # The importance weights change what the k-quants round to; Q8_0 does not use them.
-    assert (copy / names.GGUF_DIR / q4).read_bytes() != (run_dir / names.GGUF_DIR / q4).read_bytes()
+    assert tiny(copy).gguf("Q4_K_M").read_bytes() != tiny(run_dir).gguf("Q4_K_M").read_bytes()
 
 
 def _status(run_dir: Path, *sets: str) -> dict[str, str]:
@@ -295,7 +295,7 @@ def _status(run_dir: Path, *sets: str) -> dict[str, str]:
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("│┃ ").split("│")]
-        if cells and cells[0] in names.STAGES:
+        if cells and cells[0] in specs.NAMES:
             rows[cells[0]] = " ".join(cells[1:])
     return rows
 
@@ -309,11 +309,11 @@ def test_status_command_reports_each_stage(tiny_run, tmp_path):
     rows = _status(copy, "training.learning_rate=0.005")
     assert rows["train"].startswith("stale") and "config" in rows["train"]
     # An output changed on disk: named as such.
-    q8 = copy / names.GGUF_DIR / names.gguf_name("tiny", "Q8_0")
+    q8 = tiny(copy).gguf("Q8_0")
     q8.write_bytes(q8.read_bytes()[:-1])
     assert _status(copy)["quantize"].startswith("stale")
     # A stage whose manifest is gone but whose log is there failed; without a log it is missing.
-    (copy / names.MANIFESTS_DIR / f"{names.SMOKE}.json").unlink()
+    tiny(copy).manifest(names.SMOKE).unlink()
     assert _status(copy)["smoke"].startswith("failed")
-    (copy / names.LOGS_DIR / f"{names.SMOKE}.log").unlink()
+    tiny(copy).log(names.SMOKE).unlink()
     assert _status(copy)["smoke"].startswith("missing")

@@ -30,10 +30,11 @@ from tiny_models import WORDS, corpus
 
 from stages import convert, quantize, smoke
 from stages.common import llamacpp, names
-from stages.common.artifacts import stage_output
+from stages.common.artifacts import read_manifest, stage_output
 from stages.common.chat_template import check_parity
 from stages.common.errors import EXIT_STAGE_ERROR, StageError
 from stages.common.gguf_runtime import GGUFModel, complete, parse_completion, read_gguf
+from stages.common.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGIT_TOL = 2.5e-2
@@ -47,7 +48,7 @@ def make_run(root: Path, checkpoint: Path, run_name: str, **sections) -> tuple[P
     """A run folder whose merge output is `checkpoint` (committed with a real manifest), and its config."""
     run_dir = root / "runs" / run_name
     with stage_output(run_dir, names.MERGE, owned=(names.MERGED_DIR,)) as out:
-        shutil.copytree(checkpoint, out.path(names.MERGED_DIR), dirs_exist_ok=True)
+        shutil.copytree(checkpoint, out.path(RunLayout(run_dir, run_name).merged), dirs_exist_ok=True)
         out.commit(inputs={"checkpoint": str(checkpoint)})
     tree = {
         "run_name": run_name,
@@ -65,10 +66,6 @@ def make_run(root: Path, checkpoint: Path, run_name: str, **sections) -> tuple[P
 def run(stage, cfg_path: Path, run_dir: Path, *overrides: str) -> int:
     sets = [a for o in overrides for a in ("--set", o)]
     return stage.main(["--config", str(cfg_path), "--run-dir", str(run_dir), *sets])
-
-
-def manifest(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text())
 
 
 def one_line(err: str) -> str:
@@ -140,21 +137,21 @@ def tiny_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
     return cfg_path, run_dir, tiny_mistral
 
 
-def gguf_path(run_dir: Path, kind: str) -> Path:
-    return run_dir / names.GGUF_DIR / names.gguf_name(run_dir.name, kind)
+def layout(run_dir: Path) -> RunLayout:
+    return RunLayout(run_dir, run_dir.name)  # make_run puts each run at runs/<run_name>
 
 
 def test_convert_manifest_metadata_and_special_tokens(tiny_run):
     from transformers import AutoTokenizer
 
     _, run_dir, checkpoint = tiny_run
-    m = manifest(run_dir, names.CONVERT)
+    m = read_manifest(run_dir, names.CONVERT)
     assert m[names.M_LLAMA_CPP]["commit"] == llamacpp.COMMIT
     assert sorted(m[names.M_OUTPUTS]) == ["gguf/chat_parity.json", "gguf/tiny.f16.gguf"]
     assert m[names.M_METRICS]["file_type"] == "MOSTLY_F16"
     assert 16.0 <= m[names.M_METRICS]["bits_per_weight"] < 16.2  # f16 matrices, f32 norms
 
-    info = read_gguf(gguf_path(run_dir, "f16"))
+    info = read_gguf(layout(run_dir).gguf("f16"))
     tok = AutoTokenizer.from_pretrained(checkpoint)
     assert info.get("general.name") == "tiny"
     assert info.get("general.basename") == checkpoint.name
@@ -174,7 +171,7 @@ def test_convert_refuses_a_gguf_whose_eos_is_not_the_models(tiny_run, tmp_path):
         tree["eos_token_id"] = 7
         (wrong / name).write_text(json.dumps(tree))
     with pytest.raises(StageError, match=r"eos_token_id is 2, but the merged model declares EOS \[7\]"):
-        convert.check_special_tokens(read_gguf(gguf_path(run_dir, "f16")), wrong)
+        convert.check_special_tokens(read_gguf(layout(run_dir).gguf("f16")), wrong)
 
 
 CONVERSATION = [
@@ -194,7 +191,7 @@ def test_tokenization_and_chat_template_match_hf(tiny_run):
     # No sample starts with a space: there HF's fast (Metaspace) tokenizer adds no "▁" dummy prefix
     # while SentencePiece itself and llama.cpp do, a known HF difference, not a conversion error.
     samples = [*texts(3, seed=7), "digits 2024 07 31", "bytes outside the vocab: é ☃ 🙂", "two  spaces\n\nnew line"]
-    with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256) as gguf:
+    with GGUFModel(layout(run_dir).gguf("f16"), n_ctx=256) as gguf:
         for text in samples:
             assert gguf.tokenize(text) == tok(text).input_ids, text
         rendered = gguf.chat_prompt(CONVERSATION)
@@ -208,7 +205,7 @@ def test_tokenization_and_chat_template_match_hf(tiny_run):
 def test_convert_checked_chat_template_parity(tiny_run):
     """The convert stage's own parity check ran on the fixed, smoke and held-out conversations."""
     _, run_dir, _ = tiny_run
-    parity = json.loads((run_dir / names.GGUF_DIR / names.PARITY_FILE).read_text())
+    parity = json.loads(layout(run_dir).chat_parity.read_text())
     assert parity["checked"] and len(parity["conversations"]) == 2  # the fixed ones: no smoke messages here
     assert parity["hf"] == parity["gguf"] == {"eos_token_id": 2, "bos_token_id": 1, "add_bos": True}
     assert all(c["bos"] == 1 for c in parity["conversations"])
@@ -223,7 +220,7 @@ def test_non_legacy_tokenizer_fails_parity_with_the_first_differing_token(tiny_r
     other = tmp_path / "nonlegacy"
     shutil.copytree(checkpoint, other)
     LlamaTokenizer.from_pretrained(checkpoint, legacy=False).save_pretrained(other)
-    with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256) as gguf, pytest.raises(StageError, match="from token 1 on"):
+    with GGUFModel(layout(run_dir).gguf("f16"), n_ctx=256) as gguf, pytest.raises(StageError, match="from token 1 on"):
         check_parity(other, gguf, [CONVERSATION])
 
 
@@ -235,7 +232,7 @@ def test_f16_logits_match_hf_float32(tiny_run):
     tok = AutoTokenizer.from_pretrained(checkpoint)
     hf = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     same = total = 0
-    with GGUFModel(gguf_path(run_dir, "f16"), n_ctx=256, logits_all=True) as gguf:
+    with GGUFModel(layout(run_dir).gguf("f16"), n_ctx=256, logits_all=True) as gguf:
         for text in texts(4, seed=123):
             ids = tok(text).input_ids
             with torch.no_grad():
@@ -251,19 +248,19 @@ def test_f16_logits_match_hf_float32(tiny_run):
 
 def test_quantized_files_sizes_and_bits_per_weight(tiny_run):
     _, run_dir, _ = tiny_run
-    m = manifest(run_dir, names.QUANTIZE)
+    m = read_manifest(run_dir, names.QUANTIZE)
     assert m[names.M_LLAMA_CPP]["commit"] == llamacpp.COMMIT
     types = m[names.M_METRICS]["types"]
     assert set(types) == {"Q8_0", "Q4_K_M"}
     for kind, meta in types.items():
-        path = gguf_path(run_dir, kind)
+        path = layout(run_dir).gguf(kind)
         assert meta["size_bytes"] == path.stat().st_size == m[names.M_OUTPUTS][f"gguf/{path.name}"][names.M_SIZE]
         assert read_gguf(path).bits_per_weight == pytest.approx(meta["bits_per_weight"], abs=1e-3)
     assert types["Q8_0"]["file_type"] == "MOSTLY_Q8_0"
     assert types["Q4_K_M"]["file_type"] == "MOSTLY_Q4_K_M"
     assert 8.5 <= types["Q8_0"]["bits_per_weight"] < 8.7
     assert 4.0 < types["Q4_K_M"]["bits_per_weight"] < types["Q8_0"]["bits_per_weight"]
-    assert gguf_path(run_dir, "f16").stat().st_size > types["Q8_0"]["size_bytes"] > types["Q4_K_M"]["size_bytes"]
+    assert layout(run_dir).gguf("f16").stat().st_size > types["Q8_0"]["size_bytes"] > types["Q4_K_M"]["size_bytes"]
 
 
 def test_unknown_quant_type_fails_before_any_work(tmp_path, tiny_mistral, capsys):
@@ -272,7 +269,7 @@ def test_unknown_quant_type_fails_before_any_work(tmp_path, tiny_mistral, capsys
     err = one_line(capsys.readouterr().err)
     assert "unknown 'Q4_K_X'" in err and "Q8_0" in err  # names the bad one and the valid ones
     assert "convert" not in err  # refused before looking for the f16 file
-    assert not (run_dir / names.GGUF_DIR).exists()
+    assert not layout(run_dir).gguf_dir.exists()
 
 
 # --- Smoke -----------------------------------------------------------------------------------
@@ -283,8 +280,8 @@ def test_smoke_fails_when_the_model_never_stops(tiny_run, capsys):
     assert run(smoke, cfg_path, run_dir) == EXIT_STAGE_ERROR
     err = one_line(capsys.readouterr().err)
     assert "no EOS within 4 tokens for 'the model learns'" in err
-    assert not (run_dir / names.MANIFESTS_DIR / "smoke.json").exists()
-    assert not (run_dir / names.SMOKE_FILE).exists()
+    assert not layout(run_dir).manifest(names.SMOKE).exists()
+    assert not layout(run_dir).smoke.exists()
     assert not list(run_dir.glob(f"{names.TMP_PREFIX}*"))
 
 
@@ -307,12 +304,12 @@ def stopping_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
 def test_smoke_passes_when_the_model_answers_and_stops(stopping_run):
     cfg_path, run_dir = stopping_run
     assert run(smoke, cfg_path, run_dir) == 0
-    answers = manifest(run_dir, names.SMOKE)[names.M_METRICS]["answers"]
+    answers = read_manifest(run_dir, names.SMOKE)[names.M_METRICS]["answers"]
     assert [(a["kind"], a["output"].strip(), a["stopped_at_eos"]) for a in answers] == [
         ("prompt", ANSWER, True),
         ("message", ANSWER, True),  # rendered with the GGUF's own [INST] template
     ]
-    assert json.loads((run_dir / names.SMOKE_FILE).read_text())["answers"] == answers
+    assert json.loads(layout(run_dir).smoke.read_text())["answers"] == answers
 
 
 @pytest.mark.parametrize("which", ["stops", "rambles"])
@@ -320,7 +317,7 @@ def test_llama_completion_parse_agrees_with_token_level_eos(which, stopping_run,
     """The binary's " [end of text]" line and the bindings' token-level EOG test give the same verdict
     and the same greedy text, on a model that stops and on one that does not."""
     run_dir = stopping_run[1] if which == "stops" else tiny_run[1]
-    path = gguf_path(run_dir, "Q8_0")
+    path = layout(run_dir).gguf("Q8_0")
     prompt = "[INST] numbers and places [/INST]"
     cli = complete(path, prompt=prompt, max_tokens=8)
     with GGUFModel(path, n_ctx=256) as gguf:
@@ -402,7 +399,7 @@ def test_demo_top1_agreement_with_hf(demo_run, demo_reference, kind, floor):
     _, run_dir = demo_run
     seqs, want = demo_reference
     same = total = 0
-    with GGUFModel(gguf_path(run_dir, kind), n_ctx=512, logits_all=True) as gguf:
+    with GGUFModel(layout(run_dir).gguf(kind), n_ctx=512, logits_all=True) as gguf:
         for ids, ref, keep in zip(seqs, want, distinct_positions(seqs), strict=True):
             got = gguf.logits(ids).argmax(-1)
             same += int((got[keep] == ref[keep]).sum())
@@ -416,7 +413,7 @@ def test_demo_top1_agreement_with_hf(demo_run, demo_reference, kind, floor):
 def test_demo_smoke_passes_on_q4_k_m(demo_run):
     cfg_path, run_dir = demo_run
     assert run(smoke, cfg_path, run_dir) == 0
-    smoke_manifest = manifest(run_dir, names.SMOKE)
+    smoke_manifest = read_manifest(run_dir, names.SMOKE)
     assert smoke_manifest["inputs"]["gguf"] == "smol.Q4_K_M.gguf"
     assert all(a["stopped_at_eos"] and a["output"].strip() for a in smoke_manifest[names.M_METRICS]["answers"])
 
@@ -429,7 +426,7 @@ def test_demo_chat_tokens_and_special_tokens_match_hf(demo_run):
 
     _, run_dir = demo_run
     tok = AutoTokenizer.from_pretrained(SMOLLM2)
-    info = read_gguf(gguf_path(run_dir, "Q4_K_M"))
+    info = read_gguf(layout(run_dir).gguf("Q4_K_M"))
     assert info.get("tokenizer.ggml.eos_token_id") == tok.eos_token_id
     assert info.get("tokenizer.ggml.bos_token_id") == tok.bos_token_id
     assert info.get("tokenizer.ggml.add_bos_token") is (tok("a").input_ids[0] == tok.bos_token_id)
@@ -442,7 +439,7 @@ def test_demo_chat_tokens_and_special_tokens_match_hf(demo_run):
             {"role": "user", "content": "And the 4th of July, 1999?"},
         ],
     ]
-    with GGUFModel(gguf_path(run_dir, "Q4_K_M"), n_ctx=512) as gguf:
+    with GGUFModel(layout(run_dir).gguf("Q4_K_M"), n_ctx=512) as gguf:
         for conversation in conversations:
             want = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
             assert gguf.prompt_tokens(gguf.chat_prompt(conversation)) == want

@@ -22,6 +22,7 @@ import yaml
 from conftest import as_text, repeat_rows, write_jsonl
 
 from stages.common import names
+from stages.common.artifacts import read_manifest
 from stages.common.config import ModelConfig, PipelineConfig
 from stages.common.errors import console
 from stages.common.model import resolve
@@ -146,7 +147,7 @@ def test_train_manifest_records_the_resolved_commit(hub_cache, tmp_path):
     config = two_step_config(tmp_path, {"name_or_path": REPO})
     run_dir = tmp_path / "runs" / "hub"
     run_stage(names.TRAIN, config, run_dir, offline_env(hub_cache))
-    inputs = json.loads((run_dir / names.MANIFESTS_DIR / f"{names.TRAIN}.json").read_text())["inputs"]
+    inputs = read_manifest(run_dir, names.TRAIN)["inputs"]
     assert inputs["model_source"] == "hub"
     assert inputs["model_revision"] == COMMIT
 

@@ -21,6 +21,8 @@ import pytest
 
 from stages import merge
 from stages.common import names
+from stages.common.artifacts import read_manifest
+from stages.common.layout import RunLayout
 
 # peft warns about tied embeddings in adapters; those cases are what the tied tests are about.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -582,15 +584,15 @@ def pipeline_run(tmp_path: Path, base: Path, adapter: Path, **merge_cfg) -> tupl
 def test_pipeline_mode_writes_manifest(models, adapter_for, tmp_path):
     cfg, run_dir = pipeline_run(tmp_path, models["mistral"], adapter_for("mistral", "dora", **VARIANTS["dora"]))
     assert merge.main(["--config", str(cfg), "--run-dir", str(run_dir)]) == 0
-    manifest = json.loads((run_dir / names.MANIFESTS_DIR / f"{names.MERGE}.json").read_text())
+    manifest = read_manifest(run_dir, names.MERGE)
     assert manifest[names.M_INPUTS]["train_manifest_sha256"]
-    assert manifest[names.M_INPUTS]["base_fingerprint"]["shard_sizes"]
+    (base_files,) = manifest[names.M_INPUTS]["base_fingerprint"].values()
+    assert "config.json" in base_files and any(f.endswith(".safetensors") for f in base_files)
     metrics = manifest[names.M_METRICS]
     assert metrics["tensors_lora_merged"] == 6 and metrics["peak_rss_gib"] > 0 and metrics["wall_s"] > 0
-    assert any(k.startswith(f"{names.MERGED_DIR}/model") for k in manifest[names.M_OUTPUTS])
-    assert_bit_identical(
-        read_all(run_dir / names.MERGED_DIR), peft_merged(models["mistral"], run_dir / "adapter", "float16")
-    )
+    layout = RunLayout(run_dir, "t")
+    assert any(k.startswith(f"{layout.rel(layout.merged)}/model") for k in manifest[names.M_OUTPUTS])
+    assert_bit_identical(read_all(layout.merged), peft_merged(models["mistral"], layout.adapter, "float16"))
 
 
 def test_pipeline_mode_onto_dequantized_and_damaged_adapter(models, adapter_for, tmp_path, capsys):
@@ -598,15 +600,15 @@ def test_pipeline_mode_onto_dequantized_and_damaged_adapter(models, adapter_for,
         tmp_path, models["mistral"], adapter_for("mistral", "lora", **VARIANTS["lora"]), onto="dequantized"
     )
     assert merge.main(["--config", str(cfg), "--run-dir", str(run_dir)]) == 0
-    metrics = json.loads((run_dir / names.MANIFESTS_DIR / "merge.json").read_text())[names.M_METRICS]
+    metrics = read_manifest(run_dir, names.MERGE)[names.M_METRICS]
     assert metrics["tensors_dequantized"] > 0
     # A damaged train output is caught before anything is read, and the old merge output stays whole.
-    with (run_dir / names.ADAPTER_DIR / "adapter_model.safetensors").open("r+b") as fh:
+    with (RunLayout(run_dir, "t").adapter / "adapter_model.safetensors").open("r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\0\0\0\1")
     assert merge.main(["--config", str(cfg), "--run-dir", str(run_dir)]) == 2
     assert "does not match its manifest" in " ".join(capsys.readouterr().err.split())
-    assert (run_dir / names.MANIFESTS_DIR / "merge.json").is_file()
+    assert read_manifest(run_dir, names.MERGE) is not None
 
 
 # --- Slower: memory bound and llama.cpp ---------------------------------------------------------

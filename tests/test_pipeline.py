@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.common import names
+from stages.common import names, specs
 from stages.common import pipeline as graph
 from stages.common.config import validate_config
+from stages.common.layout import RunLayout
 from stages.common.runtime import Runtime
 
 STANDIN = """
@@ -43,12 +44,12 @@ class StandInRuntime(Runtime):
     def describe(self) -> str:
         return "stand-in stages"
 
-    def identity(self, stage: str) -> str:
+    def identity(self, spec) -> str:
         return "v1"
 
-    def command(self, stage: str, args: list[str]) -> list[str]:
-        self.ran.append(stage)
-        return [sys.executable, "-c", STANDIN, stage, *args]
+    def command(self, spec, args: list[str]) -> list[str]:
+        self.ran.append(spec.name)
+        return [sys.executable, "-c", STANDIN, spec.name, *args]
 
 
 def make_cfg(**training):
@@ -113,11 +114,11 @@ def test_force_one_stage(run_dir):
 def test_status_says_why_a_stage_is_stale(run_dir):
     run(make_cfg(), run_dir)
     cfg = make_cfg(learning_rate=1e-4)
-    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in graph.enabled_stages(cfg)}
+    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in specs.enabled(cfg)}
     assert states["train"].state == "stale" and "config" in states["train"].why
     assert states["merge"].state == "up to date"
     (run_dir / "quantize/out.txt").write_text("torn")
-    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in graph.enabled_stages(cfg)}
+    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in specs.enabled(cfg)}
     assert states["quantize"].state == "stale" and "wrong size" in states["quantize"].why
 
 
@@ -125,10 +126,10 @@ def test_failed_stage_stops_the_pipeline_and_is_reported(run_dir):
     cfg = make_cfg()
     cfg.smoke.max_tokens = 5
     rt = StandInRuntime()
-    rt.command = lambda stage, args: [sys.executable, "-c", "raise SystemExit(3)"]  # type: ignore[method-assign]
+    rt.command = lambda spec, args: [sys.executable, "-c", "raise SystemExit(3)"]  # type: ignore[method-assign]
     results = graph.run_pipeline(cfg, run_dir, rt, announce=lambda _: None)
     assert [(r.stage, r.status) for r in results] == [("train", "failed")]
-    state = graph.stage_state(graph.SPECS[names.TRAIN], cfg, run_dir, rt)
+    state = graph.stage_state(specs.spec(names.TRAIN), cfg, run_dir, rt)
     assert state.state == "failed"
 
 
@@ -137,4 +138,4 @@ def test_import_adapter_refuses_a_folder_that_is_not_an_adapter(tmp_path):
     (tmp_path / "notadapter" / "model.safetensors").write_bytes(b"x")
     with pytest.raises(graph.StageError, match="is not a PEFT adapter: adapter_config.json"):
         graph.import_adapter(tmp_path / "run", tmp_path / "notadapter")
-    assert not (tmp_path / "run" / names.ADAPTER_DIR).exists()
+    assert not RunLayout(tmp_path / "run", "t").adapter.exists()

@@ -3,14 +3,15 @@ and a stage that stops before its heavy work when the host is short."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import psutil
 import pytest
 
 from stages.common import names, preflight
+from stages.common.artifacts import read_manifest
 from stages.common.errors import StageError
+from stages.common.layout import RunLayout
 
 
 def test_shortfall_names_the_numbers_and_the_way_out(monkeypatch):
@@ -49,8 +50,8 @@ def test_merge_estimate_bounds_the_measured_peak(tiny_run_for_preflight):
     """The merge stage records the RSS it started from and its peak while writing; the estimate,
     with that measured start in place of its interpreter allowance, must not be below the peak."""
     run_dir, base = tiny_run_for_preflight
-    m = json.loads((run_dir / names.MANIFESTS_DIR / "merge.json").read_text())["metrics"]
-    ours = preflight.merge_peak(base, run_dir / names.ADAPTER_DIR) - preflight.INTERPRETER
+    m = read_manifest(run_dir, names.MERGE)["metrics"]
+    ours = preflight.merge_peak(base, RunLayout(run_dir, "p").adapter) - preflight.INTERPRETER
     assert ours + m["rss_start_gib"] * 2**30 >= m["write_peak_rss_gib"] * 2**30
 
 
@@ -64,18 +65,18 @@ def test_stage_stops_before_its_work_when_memory_is_short(tiny_run_for_preflight
 
     module = importlib.import_module(f"stages.{stage}")
     run_dir, _ = tiny_run_for_preflight
-    before = json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text())
+    before = read_manifest(run_dir, stage)
 
     class Short:
         available = 1 << 20
 
     monkeypatch.delenv(preflight.ENV_SKIP, raising=False)
     monkeypatch.setattr(preflight.psutil, "virtual_memory", lambda: Short())
-    code = module.main(["--config", str(run_dir / names.RUN_CONFIG), "--run-dir", str(run_dir)])
+    code = module.main(["--config", str(RunLayout(run_dir, "p").config), "--run-dir", str(run_dir)])
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"not enough memory for {what}: it needs about" in err and "0.0 GiB is available" in err
-    assert json.loads((run_dir / names.MANIFESTS_DIR / f"{stage}.json").read_text()) == before
+    assert read_manifest(run_dir, stage) == before
     assert not list(run_dir.glob(f"{names.TMP_PREFIX}*"))
 
 

@@ -3,7 +3,6 @@ exactly, torn checkpoints are skipped, bad inputs fail with one line and leave n
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -14,7 +13,8 @@ import pytest
 import yaml
 from conftest import as_text, repeat_rows, write_jsonl
 
-from stages.common import names
+from stages.common.artifacts import read_manifest
+from stages.common.layout import RunLayout
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,14 +51,18 @@ def train_cmd(cfg: Path, run: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--config", str(cfg), "--run-dir", str(run)]
 
 
+def layout(run: Path) -> RunLayout:
+    return RunLayout(run, "t")  # make_config's run_name
+
+
 def adapter_tensors(run: Path):
     from safetensors.torch import load_file
 
-    return load_file(str(run / names.ADAPTER_DIR / "adapter_model.safetensors"))
+    return load_file(str(layout(run).adapter / "adapter_model.safetensors"))
 
 
 def losses(run: Path) -> list[float]:
-    return [loss for _, loss in json.loads((run / "manifests/train.json").read_text())["metrics"]["loss_curve"]]
+    return [loss for _, loss in read_manifest(run, "train")["metrics"]["loss_curve"]]
 
 
 def assert_stops_at_non_finite_loss(tmp_path: Path, model: Path, device: str) -> None:
@@ -69,9 +73,9 @@ def assert_stops_at_non_finite_loss(tmp_path: Path, model: Path, device: str) ->
     line = [x for x in proc.stderr.splitlines() if "training stopped" in x]
     assert line and ("loss became nan" in line[0] or "loss became inf" in line[0]), proc.stderr[-2000:]
     step = int(line[0].split("at step ")[1].split()[0])
-    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / names.CHECKPOINTS_DIR).glob("checkpoint-*"))
+    saved = sorted(int(p.name.split("-")[1]) for p in layout(tmp_path / "run").checkpoints.glob("checkpoint-*"))
     assert all(s < step for s in saved), f"checkpoint after the bad step {step}: {saved}"
-    assert not (tmp_path / "run" / names.ADAPTER_DIR).exists()
+    assert not layout(tmp_path / "run").adapter.exists()
 
 
 def test_non_finite_loss_stops_at_that_step(tmp_path, tiny_mistral):
@@ -88,23 +92,23 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_mistral):
 
     cut = tmp_path / "cut"
     proc = subprocess.Popen(train_cmd(cfg, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    first = cut / names.CHECKPOINTS_DIR / "checkpoint-10" / "trainer_state.json"
+    first = layout(cut).checkpoints / "checkpoint-10" / "trainer_state.json"
     deadline = time.monotonic() + 120
     while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)  # let the checkpoint finish writing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (cut / names.ADAPTER_DIR).exists(), "killed before the end: no adapter at the final path"
+    assert not layout(cut).adapter.exists(), "killed before the end: no adapter at the final path"
 
     # A torn later checkpoint must be skipped, not loaded.
-    torn = cut / names.CHECKPOINTS_DIR / "checkpoint-55"
+    torn = layout(cut).checkpoints / "checkpoint-55"
     torn.mkdir(exist_ok=True)
     (torn / "trainer_state.json").write_text("{")
     resumed = subprocess.run(train_cmd(cfg, cut), capture_output=True, text=True, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "skipping torn checkpoint checkpoint-55" in resumed.stdout + resumed.stderr
-    resumed_from = json.loads((cut / "manifests/train.json").read_text())["inputs"]["resumed_from"]
+    resumed_from = read_manifest(cut, "train")["inputs"]["resumed_from"]
     assert resumed_from in {f"checkpoint-{k}" for k in (10, 20, 30, 40, 50)}
 
     a, b = adapter_tensors(whole), adapter_tensors(cut)
@@ -124,7 +128,7 @@ def test_missing_model_path_is_one_line_and_leaves_nothing(tmp_path):
     assert proc.returncode == 2
     assert "does not exist; set model.name_or_path" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / names.ADAPTER_DIR).exists()
+    assert not layout(tmp_path / "run").adapter.exists()
 
 
 def test_pickle_weights_are_refused_unopened(tmp_path, tiny_mistral):

@@ -26,6 +26,7 @@ import psutil
 
 from stages.common import names
 from stages.common.errors import StageError
+from stages.common.layout import manifest_path
 
 HASH_CHUNK = 8 << 20
 TRACKED_PACKAGES = (
@@ -86,10 +87,6 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
-
-
-def manifest_path(run_dir: Path, stage: str) -> Path:
-    return run_dir / names.MANIFESTS_DIR / f"{stage}.json"
 
 
 def read_manifest(run_dir: Path, stage: str) -> dict[str, Any] | None:
@@ -156,9 +153,13 @@ class StageOutput:
         self.started = psutil.Process().create_time()
         self.started_at = datetime.fromtimestamp(self.started, UTC).isoformat(timespec="seconds")
 
-    def path(self, rel: str) -> Path:
-        """Where to write what will end up at run_dir/rel."""
-        target = self.staging / rel
+    def path(self, final: str | Path) -> Path:
+        """Where to write what will end up at `final`: a path in the run folder (a RunLayout path) or
+        one relative to it."""
+        final = Path(final)
+        if final.is_relative_to(self.run_dir):
+            final = final.relative_to(self.run_dir)
+        target = self.staging / final
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 

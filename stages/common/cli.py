@@ -1,4 +1,4 @@
-"""The command line every stage shares: --config, --run-dir, --set, --cache-key."""
+"""The command line every stage shares: --config, --run-dir, --set."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import names
 from stages.common.config import PipelineConfig, load_config
 from stages.common.errors import StageError
+from stages.common.layout import RunLayout
 
 
 def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -24,20 +24,21 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config value, e.g. training.learning_rate=1e-4 (repeatable)",
     )
-    parser.add_argument("--cache-key", default=None, help="build key computed by the orchestrator (recorded)")
     return parser
 
 
 @dataclass(frozen=True)
 class StageContext:
     cfg: PipelineConfig
-    run_dir: Path
-    cache_key: str | None
+    layout: RunLayout
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
 
 def context(args: argparse.Namespace) -> StageContext:
     if args.config is None:
         raise StageError("no --config given; pass the pipeline YAML, e.g. --config configs/demo.yaml")
     cfg = load_config(args.config, args.overrides)
-    run_dir = args.run_dir or Path(names.RUNS_DIR) / cfg.run_name
-    return StageContext(cfg=cfg, run_dir=run_dir, cache_key=args.cache_key)
+    return StageContext(cfg=cfg, layout=RunLayout.of(cfg, args.run_dir))

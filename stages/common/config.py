@@ -41,7 +41,7 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out when eval_files is empty.")
     format: DataFormat = Field("text", description="Row format: 'text' (one field), 'alpaca' or 'chat' (messages).")
     text_field: str = Field("text", description="Field holding the full training text when format is 'text'.")
-    max_seq_length: int = Field(1024, gt=0, description="Longer rows are truncated (and counted in the log).")
+    max_seq_length: int = Field(1024, gt=0, description="Longer rows are dropped, not truncated (counted in the log).")
     prepare: str | None = Field(None, description="Generator that writes train_files/eval_files (e.g. 'demo-dates').")
     system_prompt: str | None = Field(None, description="System message prepended to alpaca/chat rows, if any.")
     max_bad_fraction: float = Field(

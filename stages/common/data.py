@@ -44,8 +44,12 @@ class RowFormat:
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | None:
         raise NotImplementedError
 
-    def _system(self) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.cfg.system_prompt}] if self.cfg.system_prompt else []
+
+def with_system(system_prompt: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` after the system prompt, unless there is none or they open with their own."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 class TextFormat(RowFormat):
@@ -76,7 +80,7 @@ class AlpacaFormat(RowFormat):
             return None
         user = f"{instruction.strip()}\n\n{extra.strip()}" if extra.strip() else instruction.strip()
         return {
-            "prompt": [*self._system(), {"role": "user", "content": user}],
+            "prompt": with_system(self.cfg.system_prompt, [{"role": "user", "content": user}]),
             "completion": [{"role": "assistant", "content": output.strip()}],
         }
 
@@ -99,9 +103,9 @@ class ChatFormat(RowFormat):
                 return None
         if messages[-1]["role"] != "assistant":
             return None
-        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-        if self.cfg.system_prompt and prompt[0]["role"] != "system":
-            prompt = self._system() + prompt
+        prompt = with_system(
+            self.cfg.system_prompt, [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+        )
         return {"prompt": prompt, "completion": [{"role": "assistant", "content": messages[-1]["content"]}]}
 
 
@@ -213,12 +217,25 @@ def check_report(report: RowReport, max_bad_fraction: float, what: str) -> None:
         )
 
 
-def train_and_held_out(cfg: DataConfig, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training rows and the held-out rows, split as the train stage splits them."""
-    train, _ = load_rows(cfg.train_files, cfg)
+@dataclass
+class Split:
+    """The rows a run trains on and the rows it holds out, as every stage sees them."""
+
+    train: list[dict[str, Any]]
+    held_out: list[dict[str, Any]]
+    train_report: RowReport
+    held_out_report: RowReport | None  # None: held out from train_files by data.eval_fraction
+
+
+def train_and_held_out(cfg: DataConfig, seed: int) -> Split:
+    """The one split of a run's rows: data.eval_files when given, else data.eval_fraction of the
+    training files, shuffled with `seed` (training.seed)."""
+    train, report = load_rows(cfg.train_files, cfg)
     if cfg.eval_files:
-        return train, load_rows(cfg.eval_files, cfg)[0]
-    return split_rows(train, cfg.eval_fraction, seed)
+        held, held_report = load_rows(cfg.eval_files, cfg)
+        return Split(train, held, report, held_report)
+    train, held = split_rows(train, cfg.eval_fraction, seed)
+    return Split(train, held, report, None)
 
 
 def plain_text(rows: list[dict[str, Any]]) -> str:

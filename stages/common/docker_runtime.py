@@ -21,27 +21,24 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from stages.common import names
+from stages.common import keys, names, specs
+from stages.common.artifacts import sha256_file
 from stages.common.errors import StageError
 from stages.common.runtime import Runtime
+from stages.common.specs import StageSpec
 
 REPO = Path(__file__).resolve().parents[2]
 # The client: $KILN_DOCKER, else /usr/bin/docker, else the first on PATH. /usr/bin/docker is Debian's
 # docker.io client (20.10: the engine's built-in BuildKit, no buildx plugin needed) or Docker CE's
 # (with buildx); a client elsewhere on PATH may lack buildx, and then cannot build the images.
 DOCKER = os.environ.get("KILN_DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
-IMAGES = {"train": "kiln-train", "merge": "kiln-merge", "gguf": "kiln-gguf"}
-STAGE_IMAGE = {
-    names.PREPARE: "merge",
-    names.TRAIN: "train",
-    names.MERGE: "merge",
-    names.CONVERT: "gguf",
-    names.QUANTIZE: "gguf",
-    names.REPORT: "gguf",
-    names.SMOKE: "gguf",
-    names.EVALUATE: "gguf",
-}
-OFFLINE = {"merge", "gguf"}  # images whose stages read only runs/ and cache/: no network
+IMAGES = {key: f"{names.PROJECT}-{key}" for key in specs.IMAGES}
+# Every image ends with the layers that hold stages/ (COPY, then a bytecode compile); the label says
+# how many, so that a stage's runtime identity is the layers below (its dependencies): its own code
+# is in its key already (keys.py), and a change to another module must not rebuild it.
+SOURCE_LAYERS_LABEL = "org.kiln.source-layers"
+# The digest of the stages/ tree an image was built from; a stage refuses an image built from other code.
+SOURCE_LABEL = "org.kiln.source"
 LOCAL_BASE = "kiln-base:bookworm"
 ROOTFS = "kiln-rootfs:bookworm"
 WHEELS = Path(names.CACHE_DIR) / "wheels"
@@ -59,9 +56,28 @@ def engine_answers() -> bool:
         return False
 
 
+def image_meta(image: str) -> dict | None:
+    """`docker image inspect` of `image`, or None when there is no such image."""
+    proc = docker("image", "inspect", image, capture=True, check=False)
+    return json.loads(proc.stdout)[0] if proc.returncode == 0 else None
+
+
 def image_id(image: str) -> str | None:
-    proc = docker("image", "inspect", "--format", "{{.Id}}", image, capture=True, check=False)
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    meta = image_meta(image)
+    return meta["Id"] if meta else None
+
+
+def dependency_layers(meta: dict) -> list[str]:
+    """The image's layers below the ones that hold stages/ (see SOURCE_LAYERS_LABEL)."""
+    layers = meta["RootFS"]["Layers"]
+    source = int((meta["Config"].get("Labels") or {}).get(SOURCE_LAYERS_LABEL, "0"))
+    return layers[: len(layers) - source]
+
+
+def source_digest() -> str:
+    """The stages/ tree as `COPY stages` copies it (.dockerignore leaves out __pycache__)."""
+    files = sorted(p for p in (REPO / "stages").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return keys.digest({p.relative_to(REPO).as_posix(): sha256_file(p) for p in files})
 
 
 def gpu_support() -> bool:
@@ -72,7 +88,7 @@ def gpu_support() -> bool:
 
 
 class DockerRuntime(Runtime):
-    """Each stage in the image that holds its dependencies (see STAGE_IMAGE)."""
+    """Each stage in the image that holds its dependencies (StageSpec.image)."""
 
     name = "docker"
 
@@ -82,14 +98,22 @@ class DockerRuntime(Runtime):
     def describe(self) -> str:
         return f"docker ({DOCKER}; images {', '.join(IMAGES.values())})"
 
-    def identity(self, stage: str) -> str:
-        return image_id(IMAGES[STAGE_IMAGE[stage]]) or "missing"
+    def identity(self, spec: StageSpec) -> str:
+        meta = image_meta(IMAGES[spec.image])
+        return keys.digest(dependency_layers(meta)) if meta else "missing"
 
-    def command(self, stage: str, args: list[str]) -> list[str]:
-        key = STAGE_IMAGE[stage]
+    def command(self, spec: StageSpec, args: list[str]) -> list[str]:
+        key = spec.image
         image = IMAGES[key]
-        if image_id(image) is None:
+        meta = image_meta(image)
+        if meta is None:
             raise StageError(f"image {image} not found; build it with `invoke build --stage {key}`")
+        built_from = (meta["Config"].get("Labels") or {}).get(SOURCE_LABEL)
+        if built_from != source_digest():
+            raise StageError(
+                f"image {image} holds other code than stages/ here (built from {str(built_from)[:12]}); "
+                f"rebuild it with `invoke build --stage {key}`"
+            )
         cwd = Path.cwd()
         for sub in (names.RUNS_DIR, names.CACHE_DIR):
             (cwd / sub).mkdir(exist_ok=True)
@@ -103,16 +127,16 @@ class DockerRuntime(Runtime):
             cmd += ["-v", f"{cwd / sub}:/work/{sub}"]
         if (cwd / "data").is_dir():
             cmd += ["-v", f"{cwd / 'data'}:/work/data:ro"]
-        if key in OFFLINE:
+        if spec.offline:
             cmd += ["--network", "none", "-e", "HF_HUB_OFFLINE=1"]
-        if key == "train":
+        if key == specs.TRAIN_IMAGE:
             cmd += ["--shm-size", "8g"]  # NCCL and DataLoader workers share memory through /dev/shm (64 MB)
             if "HF_TOKEN" in os.environ:
                 cmd += ["-e", "HF_TOKEN"]  # by name: the value stays in this process's environment
             gpus = os.environ.get("KILN_GPUS", "all")
             if gpus != "none" and gpu_support():
                 cmd += ["--gpus", gpus]
-        return [*cmd, image, "python", "-m", f"stages.{stage}", *args]
+        return [*cmd, image, "python", "-m", spec.module, *args]
 
 
 def build_image(
@@ -134,6 +158,7 @@ def build_image(
         cmd += ["--build-arg", f"TORCH_INDEX_URL={torch_index_url}"]
     if jobs:
         cmd += ["--build-arg", f"JOBS={jobs}"]
+    cmd += ["--build-arg", f"KILN_SOURCE={source_digest()}"]
     if ca_bundle:
         if not ca_bundle.is_file():
             raise StageError(f"--ca-bundle {ca_bundle} not found; pass the PEM file your proxy's CA is in")
@@ -215,9 +240,8 @@ def image_report() -> dict[str, dict]:
     """Size and user of every built image (for the README's budget table and the tests)."""
     report = {}
     for key, image in IMAGES.items():
-        proc = docker("image", "inspect", image, capture=True, check=False)
-        if proc.returncode != 0:
+        meta = image_meta(image)
+        if meta is None:
             continue
-        meta = json.loads(proc.stdout)[0]
         report[key] = {"image": image, "id": meta["Id"], "size_bytes": meta["Size"], "user": meta["Config"].get("User")}
     return report

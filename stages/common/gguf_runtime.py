@@ -12,7 +12,7 @@
 - ``complete(path, prompt=...)`` / ``complete(path, message=...)``: one greedy generation with the
   ``llama-completion`` binary, as a user runs it (its sampler, its prompt tokenization and, for
   ``message``, llama.cpp's own Jinja engine applying the chat template stored in the GGUF). For
-  cross-checks and tools. The pinned binary can lose the end of its output (see `complete`).
+  cross-checks and tools.
 
 Greedy decoding everywhere: smoke tests and scores must be reproducible.
 """
@@ -20,7 +20,6 @@ Greedy decoding everywhere: smoke tests and scores must be reproducible.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -37,9 +36,6 @@ COMPLETION_TOOL = "llama-completion"
 END_OF_TEXT = " [end of text]\n"
 # ... and always ends stdout with a blank line, generation finished or not.
 STDOUT_TRAILER = "\n\n"
-# The first line it logs (stderr) after that blank line: seen only when stdout was written in full.
-AFTER_STDOUT = re.compile(r"common_perf_print:\s+sampling time")
-COMPLETION_ATTEMPTS = 10  # each lost-output run is retried; under heavy CPU load 10-35% of runs lose it
 GREEDY_ARGS = ("--temp", "0", "--top-k", "1", "--repeat-penalty", "1")
 DEFAULT_SEED = 0
 # Metadata fields worth keeping in manifests; the vocabulary arrays are left out (megabytes).
@@ -182,36 +178,22 @@ def parse_completion(stdout: str) -> tuple[str, bool]:
 
 def complete(model: Path, *, timeout: float | None = None, **kwargs: Any) -> Completion:
     """Generate once with llama-completion (greedy); see `completion_command` for the arguments.
-
-    The pinned llama-completion writes its output through an asynchronous logger that it does not
-    flush before exiting (common/log.cpp leaks the logger on purpose), so a run can end with its
-    stdout cut short or empty and exit code 0: measured on a busy 2-core host, 10-35% of runs of a
-    tiny model. Its log is one ordered queue, so a run whose stderr reached the line printed after
-    stdout's last line wrote stdout in full; other runs are repeated. stdin is closed, so a run that
-    ever turned interactive would end instead of waiting for a user.
-    """
+    stdin is closed, so a run that ever turned interactive ends instead of waiting for a user."""
     if not model.is_file():
         raise StageError(f"GGUF {model} not found; run the convert/quantize stages first")
     cmd = completion_command(model, **kwargs)
-    for _ in range(COMPLETION_ATTEMPTS):
-        try:
-            proc = subprocess.run(
-                cmd, env=llamacpp.tool_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
-            )
-        except subprocess.TimeoutExpired:
-            raise StageError(f"{COMPLETION_TOOL} on {model.name} did not finish within {timeout:.0f} s") from None
-        stderr = proc.stderr.decode(errors="replace")
-        if proc.returncode != 0:
-            err = stderr.strip().splitlines()
-            last = next((ln for ln in reversed(err) if "error" in ln.lower()), err[-1] if err else "no output")
-            raise StageError(f"{COMPLETION_TOOL} failed on {model.name} (exit {proc.returncode}): {last.strip()}")
-        if AFTER_STDOUT.search(stderr):
-            text, eos = parse_completion(proc.stdout.decode(errors="replace"))
-            return Completion(text=text, stopped_at_eos=eos, command=cmd)
-    raise StageError(
-        f"{COMPLETION_TOOL} on {model.name} exited {COMPLETION_ATTEMPTS} times without writing all of its "
-        "output (its logger is not flushed at exit); rerun, or use GGUFModel.generate"
-    )
+    try:
+        proc = subprocess.run(
+            cmd, env=llamacpp.tool_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise StageError(f"{COMPLETION_TOOL} on {model.name} did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        last = next((ln for ln in reversed(err) if "error" in ln.lower()), err[-1] if err else "no output")
+        raise StageError(f"{COMPLETION_TOOL} failed on {model.name} (exit {proc.returncode}): {last.strip()}")
+    text, eos = parse_completion(proc.stdout.decode(errors="replace"))
+    return Completion(text=text, stopped_at_eos=eos, command=cmd)
 
 
 # --- In-process: the ctypes bindings ---------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from stages.common import names
 from stages.common.errors import StageError, fail
+from stages.common.layout import cache_dir
 
 SDIST_PACKAGE = "llama-cpp-python"
 SDIST_VERSION = "0.3.36"
@@ -75,7 +76,7 @@ def home() -> Path:
     env = os.environ.get(names.ENV_LLAMA_CPP)
     if env:
         return Path(env)
-    cache = Path(os.environ.get(names.ENV_CACHE, names.CACHE_DIR))
+    cache = cache_dir()
     return cache / "llama.cpp" / SDIST_VERSION
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 PROJECT = "kiln"
 
-# Stages in pipeline order. `prepare` only runs when the config asks for a preparer.
+# Stage names; specs.py declares each stage (order, inputs, image).
 PREPARE = "prepare"
 TRAIN = "train"
 MERGE = "merge"
@@ -16,7 +16,6 @@ QUANTIZE = "quantize"
 REPORT = "report"
 SMOKE = "smoke"
 EVALUATE = "evaluate"
-STAGES = (PREPARE, TRAIN, MERGE, CONVERT, QUANTIZE, REPORT, SMOKE, EVALUATE)
 
 # Folders and files inside runs/<run-name>/.
 RUNS_DIR = "runs"
@@ -28,6 +27,7 @@ EVAL_DIR = "eval"
 LOGS_DIR = "logs"
 MANIFESTS_DIR = "manifests"
 CHECKPOINTS_DIR = "checkpoints"
+TRAINING_LOG = "training_log.json"
 RUN_CONFIG = "config.yaml"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
@@ -52,11 +52,6 @@ DEFAULT_OUTTYPE = "f16"
 DEFAULT_QUANT_TYPES = ("Q4_K_M",)
 
 
-def gguf_name(model_name: str, kind: str) -> str:
-    """File name of a GGUF in the run's gguf/ folder, e.g. ``demo.Q4_K_M.gguf``."""
-    return f"{model_name}.{kind}.gguf"
-
-
 # Environment variables that the stages read.
 ENV_CACHE = "KILN_CACHE"
 ENV_LLAMA_CPP = "KILN_LLAMA_CPP"
@@ -75,9 +70,10 @@ QUANT_TYPES: dict[str, float] = {
     "Q8_0": 8.50,
 }
 SMOKE_FILE = "smoke.json"
+EXACT_MATCH_FILE = "exact_match.json"
 
 # Files the convert, quantize and report stages write next to the GGUFs in gguf/.
-LORA_KIND = "lora.f16"  # gguf_name(run, LORA_KIND): the adapter as a LoRA GGUF
+LORA_KIND = "lora.f16"  # RunLayout.gguf(LORA_KIND): the adapter as a LoRA GGUF
 IMATRIX_FILE = "imatrix.gguf"
 PARITY_FILE = "chat_parity.json"
 REPORT_JSON = "report.json"

@@ -1,17 +1,17 @@
-"""The build graph: which stages a config runs, their cache keys, and what is up to date.
+"""The build graph: which stages a config runs, their build keys, and what is up to date.
 
-Like make or Bazel, a stage reruns only when its key changes. The key hashes the config
-sections the stage reads, the manifests of the stages it consumes (their output digests), its
-own code, and what the runtime runs it with (package versions locally, the image ID in Docker).
-Keys are stored beside each manifest's components so `status` can say why a stage is stale.
+Like make or Bazel, a stage reruns only when its key changes. The key hashes what specs.py
+declares the stage depends on: the config sections it reads, the output digests of the stages it
+consumes, the content of the files it reads from outside the run, its code (keys.py: its module
+and the project modules it imports) and what the runtime runs it with (package versions locally,
+the image's dependency layers in Docker). The parts are stored in each manifest, so that `status`
+can say why a stage is stale.
 
 Nothing here imports an ML library: deciding that nothing needs doing takes well under a second.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.common import names
+from stages.common import keys, names
 from stages.common.artifacts import (
-    manifest_path,
     read_manifest,
     stage_output,
     sweep_leftovers,
@@ -30,52 +29,12 @@ from stages.common.artifacts import (
 )
 from stages.common.config import PipelineConfig, dump_config
 from stages.common.errors import StageError
-from stages.common.runtime import Runtime, stage_log
+from stages.common.layout import RunLayout, manifest_path
+from stages.common.runtime import Runtime
+from stages.common.specs import StageSpec, enabled
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 K_KEY = "cache_key"
 K_PARTS = "cache_key_parts"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    sections: tuple[str, ...]  # config sections (or dotted fields) the stage reads
-    upstream: tuple[str, ...]  # stages whose outputs it consumes
-    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
-
-    def module(self) -> Path:
-        return REPO_ROOT / "stages" / f"{self.name}.py"
-
-
-def _prepares(cfg: PipelineConfig) -> bool:
-    return bool(cfg.model.prepare or cfg.data.prepare)
-
-
-GRAPH: tuple[StageSpec, ...] = (
-    StageSpec(names.PREPARE, ("model", "data"), (), _prepares),
-    StageSpec(names.TRAIN, ("run_name", "model", "data", "quantization", "lora", "training"), (names.PREPARE,)),
-    StageSpec(names.MERGE, ("model", "merge"), (names.TRAIN,)),
-    StageSpec(
-        names.CONVERT,
-        ("run_name", "model", "gguf.outtype", "gguf.lora_adapter", "smoke.messages", "data"),
-        (names.MERGE, names.TRAIN),
-    ),
-    StageSpec(names.QUANTIZE, ("run_name", "gguf", "data", "training.seed"), (names.CONVERT,)),
-    StageSpec(
-        names.REPORT,
-        ("run_name", "report", "gguf", "data", "training.seed"),
-        (names.QUANTIZE, names.CONVERT, names.MERGE, names.TRAIN),
-        lambda c: c.report.enabled,
-    ),
-    StageSpec(names.SMOKE, ("smoke", "gguf"), (names.QUANTIZE,)),
-    StageSpec(names.EVALUATE, ("eval", "data", "model"), (names.QUANTIZE, names.PREPARE), lambda c: c.eval.exact_match),
-)
-SPECS = {s.name: s for s in GRAPH}
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _section(cfg: PipelineConfig, dotted: str) -> Any:
@@ -85,32 +44,29 @@ def _section(cfg: PipelineConfig, dotted: str) -> Any:
     return node
 
 
-def _code_digest(spec: StageSpec) -> str:
-    files = [spec.module(), *sorted((REPO_ROOT / "stages" / "common").glob("*.py"))]
-    return _digest({f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()})
-
-
 def upstream_digest(run_dir: Path, stage: str) -> str | None:
     """What downstream keys see of `stage`: its outputs' hashes, so identical bytes cut the rebuild
     short (as in Bazel). A stage whose outputs live outside the run (prepare) is seen by its key."""
     manifest = read_manifest(run_dir, stage)
     if manifest is None:
         return None
-    return _digest(manifest.get(names.M_OUTPUTS) or {"key": manifest.get(K_KEY)})
+    return keys.digest(manifest.get(names.M_OUTPUTS) or {"key": manifest.get(K_KEY)})
 
 
-def enabled_stages(cfg: PipelineConfig) -> list[StageSpec]:
-    return [s for s in GRAPH if s.enabled(cfg)]
-
-
-def key_parts(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Runtime) -> dict[str, str]:
-    active = {s.name for s in enabled_stages(cfg)}
+def key_parts(
+    spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Runtime, hashes: keys.FileHashes | None = None
+) -> dict[str, str]:
+    active = {s.name for s in enabled(cfg)}
     ups = {u: upstream_digest(run_dir, u) for u in spec.upstream if u in active}
+    hashes = hashes or keys.FileHashes()
+    inputs = keys.fingerprint(spec.inputs(cfg), hashes)
+    hashes.save()
     return {
-        "config": _digest({s: _section(cfg, s) for s in spec.sections}),
-        "upstream": _digest(ups),
-        "code": _code_digest(spec),
-        "runtime": _digest(runtime.identity(spec.name)),
+        "config": keys.digest({s: _section(cfg, s) for s in spec.reads}),
+        "upstream": keys.digest(ups),
+        "inputs": keys.digest(inputs),
+        "code": keys.digest(keys.code_digest(spec.module)),
+        "runtime": keys.digest(runtime.identity(spec)),
     }
 
 
@@ -124,7 +80,7 @@ class StageState:
 def stage_state(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Runtime) -> StageState:
     manifest = read_manifest(run_dir, spec.name)
     if manifest is None:
-        log = stage_log(run_dir, spec.name)
+        log = RunLayout(run_dir, cfg.run_name).log(spec.name)
         if log.is_file():
             return StageState(spec.name, "failed", f"no complete output; see {log}")
         return StageState(spec.name, "missing")
@@ -143,8 +99,8 @@ def stage_state(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Ru
 def freeze_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     """Write the resolved config into the run; stages read this file, whatever the runtime."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / names.RUN_CONFIG
-    tmp = run_dir / f"{names.TMP_PREFIX}{names.RUN_CONFIG}"
+    path = RunLayout(run_dir, cfg.run_name).config
+    tmp = path.with_name(f"{names.TMP_PREFIX}{path.name}")
     dump_config(cfg, tmp)
     if path.is_file() and path.read_text() == tmp.read_text():
         tmp.unlink()
@@ -155,11 +111,12 @@ def freeze_config(cfg: PipelineConfig, run_dir: Path) -> Path:
 
 def record_key(run_dir: Path, stage: str, parts: dict[str, str]) -> None:
     manifest = read_manifest(run_dir, stage)
+    path = manifest_path(run_dir, stage)
     if manifest is None:
-        raise StageError(f"stage {stage} exited 0 but wrote no manifest at {manifest_path(run_dir, stage)}")
+        raise StageError(f"stage {stage} exited 0 but wrote no manifest at {path}")
     manifest[K_PARTS] = parts
-    manifest[K_KEY] = _digest(parts)
-    write_json_atomic(manifest_path(run_dir, stage), manifest)
+    manifest[K_KEY] = keys.digest(parts)
+    write_json_atomic(path, manifest)
 
 
 ADAPTER_FILES = ("adapter_config.json",)
@@ -204,13 +161,15 @@ def run_pipeline(
     for name in sweep_leftovers(run_dir):
         announce(f"removed {name}: the staging folder of a stage that was killed")
     force = force or set()
-    stages = enabled_stages(cfg)
+    stages = enabled(cfg)
     if start_at:
         order = [s.name for s in stages]
         if start_at not in order:
             raise StageError(f"--from {start_at}: not a stage of this config; expected one of {', '.join(order)}")
         stages = stages[order.index(start_at) :]
     results = []
+    layout = RunLayout(run_dir, cfg.run_name)
+    hashes = keys.FileHashes()
     for spec in stages:
         t0 = time.monotonic()
         state = stage_state(spec, cfg, run_dir, runtime)
@@ -224,13 +183,13 @@ def run_pipeline(
             else state.state + (f" ({state.why})" if state.why else "")
         )
         announce(f"▶ {spec.name}: {reason}; running with the {runtime.name} runtime")
-        parts = key_parts(spec, cfg, run_dir, runtime)
-        args = ["--config", config_path.as_posix(), "--run-dir", run_dir.as_posix(), "--cache-key", _digest(parts)]
-        rc = runtime.run_stage(spec.name, args, stage_log(run_dir, spec.name))
+        parts = key_parts(spec, cfg, run_dir, runtime, hashes)
+        args = ["--config", config_path.as_posix(), "--run-dir", run_dir.as_posix()]
+        rc = runtime.run_stage(spec, args, layout.log(spec.name))
         took = time.monotonic() - t0
         if rc != 0:
             results.append(StageResult(spec.name, "failed", took))
-            announce(f"✗ {spec.name} failed (exit {rc}) after {took:.1f} s; log: {stage_log(run_dir, spec.name)}")
+            announce(f"✗ {spec.name} failed (exit {rc}) after {took:.1f} s; log: {layout.log(spec.name)}")
             break
         record_key(run_dir, spec.name, parts)
         results.append(StageResult(spec.name, "ran", took))
@@ -262,8 +221,9 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
                 "metrics": manifest.get(names.M_METRICS, {}),
             }
         )
+    layout = RunLayout(run_dir, cfg.run_name)
     summary = {"run_name": cfg.run_name, "run_dir": run_dir.as_posix(), "stages": rows}
-    write_json_atomic(run_dir / names.SUMMARY_JSON, summary)
+    write_json_atomic(layout.summary_json, summary)
     lines = [
         f"# Run `{cfg.run_name}`",
         "",
@@ -274,10 +234,10 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
         arts = "<br>".join(f"`{k}` ({human_size(v)})" for k, v in r["outputs"].items() if not k.endswith(".json"))
         mets = "<br>".join(f"{k}: {v}" for k, v in flat_metrics(r["metrics"]).items())
         lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']} | {arts} | {mets} |")
-    report = run_dir / names.GGUF_DIR / names.REPORT_MD
-    if report.is_file():
-        lines += ["", f"GGUF quality report: [{names.GGUF_DIR}/{names.REPORT_MD}]({names.GGUF_DIR}/{names.REPORT_MD})"]
-    (run_dir / names.SUMMARY_MD).write_text("\n".join(lines) + "\n")
+    if layout.report_md.is_file():
+        rel = layout.rel(layout.report_md)
+        lines += ["", f"GGUF quality report: [{rel}]({rel})"]
+    layout.summary_md.write_text("\n".join(lines) + "\n")
     return summary
 
 

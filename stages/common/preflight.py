@@ -139,3 +139,28 @@ def train_peak(base: Path, device: str, batch: int, seq: int, half: bool) -> int
 
 def report_peak(merged: Path) -> int:
     return int(1.2 * checkpoint_bytes(merged)) + 512 * MiB
+
+
+# --- Per stage, as specs.py declares them: (bytes, what for) ----------------------------------
+
+
+def train_memory(cfg, layout, *, base: Path, device: str) -> tuple[int, str]:
+    t = cfg.training
+    peak = train_peak(base, device, t.batch_size, cfg.data.max_seq_length, t.bf16 or t.fp16)
+    return peak, f"loading the base model and training on the {device}"
+
+
+def merge_memory(cfg, layout, *, base: Path) -> tuple[int, str]:
+    return merge_peak(base, layout.adapter), "the streaming merge"
+
+
+def convert_memory(cfg, layout) -> tuple[int, str]:
+    return convert_peak(layout.merged), "the GGUF conversion"
+
+
+def quantize_memory(cfg, layout, *, largest_tensor_elements: int) -> tuple[int, str]:
+    return quantize_peak(largest_tensor_elements), "llama-quantize"
+
+
+def report_memory(cfg, layout) -> tuple[int, str]:
+    return report_peak(layout.merged), "the merged model's perplexity in transformers"

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import ClassVar
 
-from stages.common import names
 from stages.common.artifacts import package_versions
+from stages.common.specs import StageSpec
 
 
 class Runtime:
@@ -32,17 +32,17 @@ class Runtime:
     def describe(self) -> str:
         raise NotImplementedError
 
-    def identity(self, stage: str) -> str:
+    def identity(self, spec: StageSpec) -> str:
         """What, besides code and config, decides the stage's output (for cache keys)."""
         raise NotImplementedError
 
-    def command(self, stage: str, args: list[str]) -> list[str]:
+    def command(self, spec: StageSpec, args: list[str]) -> list[str]:
         raise NotImplementedError
 
-    def run_stage(self, stage: str, args: list[str], log_path: Path) -> int:
+    def run_stage(self, spec: StageSpec, args: list[str], log_path: Path) -> int:
         """Run the stage, streaming its output to the console and to `log_path`."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = self.command(stage, args)
+        cmd = self.command(spec, args)
         with log_path.open("w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
@@ -65,11 +65,11 @@ class LocalRuntime(Runtime):
     def describe(self) -> str:
         return f"local ({sys.executable})"
 
-    def identity(self, stage: str) -> str:
+    def identity(self, spec: StageSpec) -> str:
         return ",".join(f"{k}={v}" for k, v in package_versions().items())
 
-    def command(self, stage: str, args: list[str]) -> list[str]:
-        return [sys.executable, "-m", f"stages.{stage}", *args]
+    def command(self, spec: StageSpec, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", spec.module, *args]
 
 
 def get_runtime(name: str) -> Runtime:
@@ -78,7 +78,3 @@ def get_runtime(name: str) -> Runtime:
     except KeyError:
         known = ", ".join(sorted(Runtime.registry))
         raise ValueError(f"unknown runtime {name!r}; expected one of: {known}") from None
-
-
-def stage_log(run_dir: Path, stage: str) -> Path:
-    return run_dir / names.LOGS_DIR / f"{stage}.log"

@@ -1,0 +1,146 @@
+"""The pipeline's stages, each declared once: what it reads, what it consumes, where it runs.
+
+Everything else is derived from STAGES: the build graph and its keys (pipeline.py), the image a
+stage runs in (docker_runtime.py), which stages need llama.cpp on the host (tasks.py), the
+compose services (checked by tests/test_specs.py) and each stage's memory preflight. What a
+stage's key covers, and so what rebuilds it, is read here:
+
+- ``reads``: the config sections (or dotted fields) it reads;
+- ``upstream``: the stages whose outputs it consumes (their output digests);
+- ``inputs``: files outside the run it reads (base model, data files), by content;
+- its code: ``stages/<name>.py`` and every project module it imports, transitively (codekeys.py);
+- the runtime: package versions locally, the image's dependency layers in Docker.
+
+Outputs are named in layout.py. Nothing here imports an ML library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.common import names, preflight
+from stages.common.config import PipelineConfig
+from stages.common.layout import RunLayout
+
+# The images, by the key `invoke build --stage` takes; each is images/<key>.Dockerfile.
+TRAIN_IMAGE, MERGE_IMAGE, GGUF_IMAGE = "train", "merge", "gguf"
+IMAGES = (TRAIN_IMAGE, MERGE_IMAGE, GGUF_IMAGE)
+
+
+def _always(cfg: PipelineConfig) -> bool:
+    return True
+
+
+def _model_and_data(cfg: PipelineConfig) -> list[Path]:
+    return [Path(cfg.model.name_or_path), *map(Path, cfg.data.train_files), *map(Path, cfg.data.eval_files)]
+
+
+def _model(cfg: PipelineConfig) -> list[Path]:
+    return [Path(cfg.model.name_or_path)]
+
+
+def _nothing(cfg: PipelineConfig) -> list[Path]:
+    return []
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    image: str  # one of IMAGES
+    reads: tuple[str, ...]  # config sections or dotted fields
+    upstream: tuple[str, ...]  # stages whose outputs it consumes
+    inputs: Callable[[PipelineConfig], list[Path]] = _nothing  # files outside the run, keyed by content
+    enabled: Callable[[PipelineConfig], bool] = _always
+    llama_cpp: bool = False  # runs llama.cpp tools or its converter
+    network: bool = False  # may download (the Hub); the others run with networking off
+    # RAM its peak needs, and for what, checked before the heavy work (preflight.py).
+    memory: Callable[..., tuple[int, str]] | None = None
+
+    @property
+    def module(self) -> str:
+        return f"stages.{self.name}"
+
+    @property
+    def offline(self) -> bool:
+        """Runs without network: everything it reads is under runs/, cache/ and data/."""
+        return not self.network
+
+    def check_memory(self, cfg: PipelineConfig, layout: RunLayout, **facts) -> None:
+        if self.memory is not None:
+            preflight.check_free_memory(*self.memory(cfg, layout, **facts))
+
+
+def _prepares(cfg: PipelineConfig) -> bool:
+    return bool(cfg.model.prepare or cfg.data.prepare)
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec(names.PREPARE, MERGE_IMAGE, ("model", "data"), (), enabled=_prepares, network=False),
+    StageSpec(
+        names.TRAIN,
+        TRAIN_IMAGE,
+        ("run_name", "model", "data", "quantization", "lora", "training"),
+        (names.PREPARE,),
+        inputs=_model_and_data,
+        memory=preflight.train_memory,
+        network=True,  # a Hub model id is fetched here
+    ),
+    StageSpec(
+        names.MERGE, MERGE_IMAGE, ("model", "merge"), (names.TRAIN,), inputs=_model, memory=preflight.merge_memory
+    ),
+    StageSpec(
+        names.CONVERT,
+        GGUF_IMAGE,
+        ("run_name", "model", "gguf.outtype", "gguf.lora_adapter", "smoke.messages", "data"),
+        (names.MERGE, names.TRAIN),
+        inputs=_model_and_data,
+        llama_cpp=True,
+        memory=preflight.convert_memory,
+    ),
+    StageSpec(
+        names.QUANTIZE,
+        GGUF_IMAGE,
+        ("run_name", "gguf", "data", "training.seed"),
+        (names.CONVERT,),
+        inputs=_model_and_data,
+        llama_cpp=True,
+        memory=preflight.quantize_memory,
+    ),
+    StageSpec(
+        names.REPORT,
+        GGUF_IMAGE,
+        ("run_name", "report", "gguf", "data", "training.seed"),
+        (names.QUANTIZE, names.CONVERT, names.MERGE, names.TRAIN),
+        inputs=_model_and_data,
+        enabled=lambda cfg: cfg.report.enabled,
+        llama_cpp=True,
+        memory=preflight.report_memory,
+    ),
+    StageSpec(names.SMOKE, GGUF_IMAGE, ("smoke", "gguf", "data.system_prompt"), (names.QUANTIZE,), llama_cpp=True),
+    StageSpec(
+        names.EVALUATE,
+        GGUF_IMAGE,
+        ("eval", "data", "model", "gguf.token_embedding_type", "training.seed"),
+        (names.QUANTIZE, names.TRAIN, names.PREPARE),
+        inputs=_model_and_data,
+        enabled=lambda cfg: cfg.eval.exact_match,
+        llama_cpp=True,
+    ),
+)
+BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+
+
+def spec(name: str) -> StageSpec:
+    """The spec of stage `name`; ValueError naming the stages when there is none."""
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; expected one of {', '.join(NAMES)}") from None
+
+
+def enabled(cfg: PipelineConfig) -> list[StageSpec]:
+    """The stages `cfg` runs, in pipeline order."""
+    return [s for s in STAGES if s.enabled(cfg)]
