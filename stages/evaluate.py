@@ -23,7 +23,7 @@ from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
 from stages.common.data import train_and_held_out
 from stages.common.errors import StageError, console, run_stage
-from stages.common.gguf_runtime import GGUFModel
+from stages.common.gguf_runtime import GGUFModel, read_gguf
 from stages.common.layout import cache_dir
 from stages.common.model import resolve
 from stages.convert import convert_checkpoint
@@ -55,12 +55,13 @@ def base_gguf(cfg: PipelineConfig) -> Path:
     return target
 
 
-def reference_pairs(cfg: PipelineConfig) -> list[tuple[list[dict[str, str]], str]]:
+def reference_pairs(cfg: PipelineConfig, n_params: int) -> list[tuple[list[dict[str, str]], str]]:
+    """The first held-out (prompt, answer) pairs, as many as the model's size affords (eval.example_budget)."""
     rows = train_and_held_out(cfg.data, cfg.training.seed).held_out
     pairs = [(r["prompt"], r["completion"][0]["content"]) for r in rows if "prompt" in r]
     if not pairs:
         raise StageError("eval.exact_match needs chat or alpaca data with a held-out split (data.eval_files)")
-    return pairs[: cfg.eval.max_examples]
+    return pairs[: cfg.eval.examples_for(n_params)]
 
 
 def score(model_path: Path, pairs, max_tokens: int) -> tuple[float, list[dict[str, Any]]]:
@@ -81,7 +82,7 @@ def evaluate(ctx: StageContext) -> None:
     # Setup.
     verify_manifest(run_dir, names.QUANTIZE)
     tuned = layout.gguf(cfg.eval.quant_type)
-    pairs = reference_pairs(cfg)
+    pairs = reference_pairs(cfg, read_gguf(tuned).n_params)
     base = base_gguf(cfg)
 
     # Run.

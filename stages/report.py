@@ -92,6 +92,26 @@ def bench(model: Path) -> dict[str, float]:
     return {"prompt_tokens_per_s": round(pp["avg_ts"], 1), "gen_tokens_per_s": round(tg["avg_ts"], 1)}
 
 
+def read_base_logits(path: Path):
+    """The f16 file's next-token distributions as llama-perplexity --kl-divergence-base saves them
+    (tools/perplexity/perplexity.cpp): "_logits_", n_ctx, n_vocab, n_chunk (int32), the tokens, then
+    for each scored position (the second half of each chunk) a record of (scale, min log-prob) as two
+    float32 and n_vocab uint16 q, with logit = max - (65535 - q) * scale. Returns (tokens, q) where
+    q has one row of n_vocab values per scored position, chunk after chunk."""
+    import numpy as np
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    if bytes(raw[:8]) != b"_logits_":
+        raise StageError(f"{path.name} is not a llama-perplexity logits file (llama.cpp {llamacpp.COMMIT})")
+    n_ctx, n_vocab, n_chunk = (int(x) for x in raw[8:20].view(np.int32))
+    tokens = raw[20 : 20 + 4 * n_chunk * n_ctx].view(np.int32)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    records = raw[20 + 4 * n_chunk * n_ctx :].view(np.uint16).reshape(-1, nv)
+    if len(records) != n_chunk * (n_ctx - 1 - n_ctx // 2):
+        raise StageError(f"{path.name}: {len(records)} records for {n_chunk} chunks of {n_ctx}; a truncated file?")
+    return tokens.reshape(n_chunk, n_ctx), records[:, 4 : 4 + n_vocab]
+
+
 # --- The merged HF model on the same tokens ---------------------------------------------------------
 
 
@@ -307,12 +327,13 @@ def measure(cfg: PipelineConfig, layout: RunLayout, work: Path) -> dict[str, Any
             f"report: the held-out text is {len(tokens)} tokens; llama-perplexity needs at least 2 × report.ctx "
             f"= {2 * ctx}. Lower report.ctx or hold out more rows"
         )
-    chunks = chunks_of(tokens, ctx, cfg.report.max_chunks, bos)
+    f16_info = read_gguf(f16)
+    chunks = chunks_of(tokens, ctx, cfg.report.chunks_for(f16_info.n_params), bos)
+    console.print(f"scoring {len(chunks)} chunks of {ctx} tokens ({f16_info.n_params / 1e9:.2f} B parameters)")
 
     quant = read_manifest(layout.root, names.QUANTIZE)[names.M_METRICS]["types"]
     rows = []
     with console.status("llama-perplexity on the f16 GGUF") as status:
-        f16_info = read_gguf(f16)
         ppl16 = perplexity_base(f16, text_file, logits, ctx, len(chunks))
         rows.append({"type": cfg.gguf.outtype, "file": f16.name, "size_bytes": f16_info.size_bytes,
                      "bits_per_weight": round(f16_info.bits_per_weight, 3), "perplexity": ppl16,

@@ -56,7 +56,8 @@ def tiny_pipeline(
     root: Path, run_name: str, model: Path, train_rows: list[dict], held_rows: list[dict] | None = None, **sections
 ):
     """Run the real pipeline (local runtime) on a tiny model and `text` rows written under `root`;
-    `sections` replace the config's sections. Returns (config, run folder, stage results)."""
+    `sections` replace the config's sections; intermediates are kept unless `keep` says otherwise
+    (tests read the merged checkpoint and the f16 GGUF). Returns (config, run folder, stage results)."""
     import yaml
 
     from stages.common import pipeline as graph
@@ -71,6 +72,7 @@ def tiny_pipeline(
         "model": {"name_or_path": str(model)},
         "data": {**data, "format": "text", "max_seq_length": 64, **sections.pop("data", {})},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "keep": {"merged": True, "outtype_gguf": True},
         **sections,
     }
     cfg_path = root / f"{run_name}.yaml"

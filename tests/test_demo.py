@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, llama_cpp_built):
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    # The tests below read the merged checkpoint and the f16 GGUF, which a run removes by default.
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["keep.merged=true", "keep.outtype_gguf=true"])
     run_dir = tmp_path_factory.mktemp("demo") / "runs" / "demo"
     results = graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)
     return cfg, run_dir, results

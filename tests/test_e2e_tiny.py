@@ -19,7 +19,9 @@ from conftest import copy_run, repeat_rows, run_stage, tiny_pipeline
 
 from stages.common import names, specs
 from stages.common import pipeline as graph
-from stages.common.artifacts import read_manifest
+from stages.common.artifacts import read_manifest, verify_manifest
+from stages.common.config import KeepConfig
+from stages.common.errors import StageError
 from stages.common.layout import RunLayout
 from stages.common.runtime import LocalRuntime
 
@@ -163,6 +165,33 @@ def test_second_run_is_up_to_date(tiny_run):
     cfg, run_dir, _, _ = tiny_run
     results = graph.run_pipeline(cfg, run_dir, LocalRuntime(), announce=print)
     assert {r.status for r in results} == {"up to date"}
+
+
+def test_intermediates_are_removed_and_remade_when_needed(tiny_run, tmp_path):
+    """With the default keep settings, the merged weights and the f16 GGUF go once every stage that
+    reads them has run; a later change that needs the f16 GGUF again remakes it, byte for byte."""
+    cfg, run_dir, _, _ = tiny_run
+    copy = copy_run(run_dir, tmp_path / "runs" / "tiny")
+    lean = cfg.model_copy(update={"keep": KeepConfig()})
+    layout = tiny(copy)
+    f16 = layout.rel(layout.gguf("f16"))
+    made = read_manifest(copy, names.CONVERT)[names.M_OUTPUTS][f16][names.M_SHA256]
+
+    results = graph.run_pipeline(lean, copy, LocalRuntime(), announce=print)
+    assert {r.status for r in results} == {"up to date"}
+    assert not list(layout.merged.glob("*.safetensors")) and (layout.merged / "config.json").is_file()
+    assert not layout.gguf("f16").exists()
+    assert f16 in read_manifest(copy, names.CONVERT)[names.M_PRUNED]
+    with pytest.raises(StageError, match="was removed once the stages that read it had run"):
+        verify_manifest(copy, names.CONVERT)
+
+    more = lean.model_copy(deep=True)
+    more.gguf.quant_types = ["Q8_0", "Q4_K_M", "Q5_K_M"]
+    results = graph.run_pipeline(more, copy, LocalRuntime(), announce=print)
+    assert [r.stage for r in results if r.status == "ran"] == ["merge", "convert", "quantize", "report", "smoke"]
+    assert read_manifest(copy, names.CONVERT)[names.M_OUTPUTS][f16][names.M_SHA256] == made
+    assert layout.gguf("Q5_K_M").is_file() and not layout.gguf("f16").exists()
+    assert {r.status for r in graph.run_pipeline(more, copy, LocalRuntime(), announce=print)} == {"up to date"}
 
 
 def test_smoke_fails_without_eos(tiny_run, tmp_path):

@@ -99,10 +99,11 @@ def read_manifest(run_dir: Path, stage: str) -> dict[str, Any] | None:
         return None
 
 
-def verify_manifest(run_dir: Path, stage: str, *, deep: bool = True) -> dict[str, Any]:
+def verify_manifest(run_dir: Path, stage: str, *, deep: bool = True, allow_pruned: bool = False) -> dict[str, Any]:
     """The stage's manifest, after checking every listed file. StageError names the first bad file.
 
     `deep` re-hashes the files; without it only presence and size are checked (cheap, for status).
+    Files pruned after their consumers ran (M_PRUNED) count as present only with `allow_pruned`.
     """
     manifest = read_manifest(run_dir, stage)
     if manifest is None:
@@ -110,8 +111,16 @@ def verify_manifest(run_dir: Path, stage: str, *, deep: bool = True) -> dict[str
             f"{stage} output in {run_dir} has no complete manifest ({manifest_path(run_dir, stage)}); "
             f"run the {stage} stage first"
         )
+    pruned = set(manifest.get(names.M_PRUNED, []))
     for rel, meta in manifest.get(names.M_OUTPUTS, {}).items():
         path = run_dir / rel
+        if rel in pruned:
+            if allow_pruned:
+                continue
+            raise StageError(
+                f"{stage} output {path} was removed once the stages that read it had run (the config's keep "
+                f"section keeps it); `invoke pipeline` remakes it, or rerun the {stage} stage"
+            )
         if not path.is_file():
             raise StageError(f"{stage} output {path} listed in its manifest is missing; rerun the {stage} stage")
         if path.stat().st_size != meta[names.M_SIZE]:
@@ -119,6 +128,23 @@ def verify_manifest(run_dir: Path, stage: str, *, deep: bool = True) -> dict[str
         if deep and sha256_file(path) != meta[names.M_SHA256]:
             raise StageError(f"{stage} output {path} does not match its manifest sha256; rerun the {stage} stage")
     return manifest
+
+
+def prune_outputs(run_dir: Path, stage: str, rels: list[str]) -> int:
+    """Remove these outputs of `stage` (its manifest says so first, so a kill between the two leaves
+    a file the manifest calls pruned, never a manifest that lists a missing file); returns bytes freed."""
+    manifest = read_manifest(run_dir, stage)
+    if manifest is None or not rels:
+        return 0
+    manifest[names.M_PRUNED] = sorted(set(manifest.get(names.M_PRUNED, [])) | set(rels))
+    write_json_atomic(manifest_path(run_dir, stage), manifest)
+    freed = 0
+    for rel in rels:
+        path = run_dir / rel
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+    return freed
 
 
 def remove_leftovers(run_dir: Path, stage: str) -> None:

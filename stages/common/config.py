@@ -130,6 +130,12 @@ class ReportConfig(Section):
     enabled: bool = Field(True, description="Measure every GGUF: perplexity, KL vs f16, speed, HF perplexity.")
     ctx: int = Field(512, gt=15, description="Context of each perplexity chunk (llama-perplexity -c).")
     max_chunks: int = Field(64, gt=0, description="At most this many chunks of held-out text are scored.")
+    token_budget: float = Field(
+        4e12,
+        gt=0,
+        description="Compute budget of the scored text in parameters x tokens: at most token_budget / parameters "
+        "tokens are read (at least 2 chunks), so a 7B model reads 1/50 of what a 135M one does.",
+    )
     max_kl: dict[str, float] = Field(
         # Measured on the demo (SmolLM2-135M, held-out text): Q4_K_M 0.032, Q8_0 0.0012, and Q5_K_M 0.28,
         # which the gate stops: its fallback type for SmolLM2's 576-wide rows, Q5_1, measures 0.66 when
@@ -141,6 +147,10 @@ class ReportConfig(Section):
     max_conversion_ppl_delta: float = Field(
         0.005, ge=0, description="Quality gate: |f16 GGUF perplexity / HF perplexity - 1| on the same tokens."
     )
+
+    def chunks_for(self, n_params: int) -> int:
+        """How many chunks of report.ctx tokens a model of `n_params` parameters gets scored on."""
+        return max(2, min(self.max_chunks, int(self.token_budget / (n_params * self.ctx))))
 
 
 class SmokeConfig(Section):
@@ -154,9 +164,28 @@ class SmokeConfig(Section):
 
 class EvalConfig(Section):
     exact_match: bool = Field(False, description="Score held-out exact match of base vs fine-tuned GGUFs.")
-    max_examples: int = Field(100, gt=0, description="Held-out rows to score.")
+    max_examples: int = Field(100, gt=0, description="Held-out rows to score, at most.")
+    example_budget: float = Field(
+        3e11,
+        gt=0,
+        description="Compute budget in parameters x examples: at most example_budget / parameters rows are "
+        "scored (at least 10): 100 for a 135M model, 40 for a 7B one.",
+    )
     quant_type: str = Field("Q4_K_M", description="GGUF type both models are scored at.")
     max_tokens: int = Field(32, gt=0, description="Generation limit per answer.")
+
+    def examples_for(self, n_params: int) -> int:
+        """How many held-out rows a model of `n_params` parameters gets scored on."""
+        return max(10, min(self.max_examples, int(self.example_budget / n_params)))
+
+
+class KeepConfig(Section):
+    """Large intermediate files are removed once every stage that reads them has run (a 7B run
+    would otherwise hold the model four times); `invoke pipeline` remakes one when a stage needs it
+    again. No stage reads this section: keeping or not changes no build key."""
+
+    merged: bool = Field(False, description="Keep the merged HF checkpoint's weights after convert read them.")
+    outtype_gguf: bool = Field(False, description="Keep the gguf.outtype GGUF (f16) after quantize and report read it.")
 
 
 class PipelineConfig(Section):
@@ -171,6 +200,7 @@ class PipelineConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     smoke: SmokeConfig = Field(default_factory=SmokeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    keep: KeepConfig = Field(default_factory=KeepConfig)
 
     @field_validator("run_name")
     @classmethod

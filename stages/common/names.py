@@ -46,6 +46,7 @@ M_COMMAND = "command"
 M_SHA256 = "sha256"
 M_SIZE = "size"
 M_LLAMA_CPP = "llama_cpp"
+M_PRUNED = "pruned"  # outputs removed after their consumers ran (specs.Intermediate)
 
 # GGUF.
 DEFAULT_OUTTYPE = "f16"

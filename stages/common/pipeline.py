@@ -21,6 +21,7 @@ from typing import Any
 
 from stages.common import keys, names
 from stages.common.artifacts import (
+    prune_outputs,
     read_manifest,
     stage_output,
     sweep_leftovers,
@@ -31,7 +32,7 @@ from stages.common.config import PipelineConfig, dump_config
 from stages.common.errors import StageError
 from stages.common.layout import RunLayout, manifest_path
 from stages.common.runtime import Runtime
-from stages.common.specs import StageSpec, enabled
+from stages.common.specs import Intermediate, StageSpec, enabled
 
 K_KEY = "cache_key"
 K_PARTS = "cache_key_parts"
@@ -85,7 +86,7 @@ def stage_state(spec: StageSpec, cfg: PipelineConfig, run_dir: Path, runtime: Ru
             return StageState(spec.name, "failed", f"no complete output; see {log}")
         return StageState(spec.name, "missing")
     try:
-        verify_manifest(run_dir, spec.name, deep=False)
+        verify_manifest(run_dir, spec.name, deep=False, allow_pruned=True)
     except StageError as exc:
         return StageState(spec.name, "stale", str(exc))
     parts = key_parts(spec, cfg, run_dir, runtime)
@@ -147,6 +148,68 @@ class StageResult:
     seconds: float
 
 
+class _Run:
+    """One `invoke pipeline`: runs stages, remakes pruned intermediates a stage needs, and prunes
+    intermediates once every stage that reads them has run (specs.Intermediate)."""
+
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, runtime: Runtime, announce: Callable[[str], None]):
+        self.cfg, self.run_dir, self.runtime, self.announce = cfg, run_dir, runtime, announce
+        self.layout = RunLayout(run_dir, cfg.run_name)
+        self.config_path = freeze_config(cfg, run_dir)
+        self.active = enabled(cfg)
+        self.hashes = keys.FileHashes()
+        self.results: list[StageResult] = []
+
+    def execute(self, spec: StageSpec, reason: str) -> bool:
+        if not self.remake_inputs(spec):
+            return False
+        t0 = time.monotonic()
+        self.announce(f"▶ {spec.name}: {reason}; running with the {self.runtime.name} runtime")
+        parts = key_parts(spec, self.cfg, self.run_dir, self.runtime, self.hashes)
+        args = ["--config", self.config_path.as_posix(), "--run-dir", self.run_dir.as_posix()]
+        rc = self.runtime.run_stage(spec, args, self.layout.log(spec.name))
+        took = time.monotonic() - t0
+        if rc != 0:
+            self.results.append(StageResult(spec.name, "failed", took))
+            self.announce(f"✗ {spec.name} failed (exit {rc}) after {took:.1f} s; log: {self.layout.log(spec.name)}")
+            return False
+        record_key(self.run_dir, spec.name, parts)
+        self.results.append(StageResult(spec.name, "ran", took))
+        return True
+
+    def pruned(self, producer: StageSpec, item: Intermediate) -> list[str]:
+        manifest = read_manifest(self.run_dir, producer.name) or {}
+        return [r for r in manifest.get(names.M_PRUNED, []) if item.files(r, self.cfg, self.layout)]
+
+    def remake_inputs(self, spec: StageSpec) -> bool:
+        """Rerun the producer of any pruned intermediate `spec` reads (its outputs come back the same)."""
+        for producer in self.active:
+            for item in producer.intermediates:
+                needed = spec.name in item.consumers and self.pruned(producer, item)
+                if needed and not self.execute(producer, f"remaking its {item.name} output for {spec.name}"):
+                    return False
+        return True
+
+    def prune(self) -> None:
+        done = {r.stage for r in self.results if r.status != "failed"}
+        for producer in self.active:
+            manifest = read_manifest(self.run_dir, producer.name)
+            for item in producer.intermediates if manifest else ():
+                consumers = [c for c in item.consumers if c in {s.name for s in self.active}]
+                if getattr(self.cfg.keep, item.name) or not set(consumers) <= done:
+                    continue
+                pruned = set(manifest.get(names.M_PRUNED, []))
+                rels = [
+                    r for r in manifest[names.M_OUTPUTS] if item.files(r, self.cfg, self.layout) and r not in pruned
+                ]
+                if rels:
+                    freed = prune_outputs(self.run_dir, producer.name, rels)
+                    self.announce(
+                        f"- removed {producer.name}'s {item.name} output ({human_size(freed)}): "
+                        f"{', '.join(consumers)} read it; keep.{item.name}=true keeps it"
+                    )
+
+
 def run_pipeline(
     cfg: PipelineConfig,
     run_dir: Path,
@@ -157,43 +220,27 @@ def run_pipeline(
     announce: Callable[[str], None] = print,
 ) -> list[StageResult]:
     """Run every enabled stage whose key changed; stop at the first failure."""
-    config_path = freeze_config(cfg, run_dir)
+    run = _Run(cfg, run_dir, runtime, announce)
     for name in sweep_leftovers(run_dir):
         announce(f"removed {name}: the staging folder of a stage that was killed")
     force = force or set()
-    stages = enabled(cfg)
+    stages = run.active
     if start_at:
         order = [s.name for s in stages]
         if start_at not in order:
             raise StageError(f"--from {start_at}: not a stage of this config; expected one of {', '.join(order)}")
         stages = stages[order.index(start_at) :]
-    results = []
-    layout = RunLayout(run_dir, cfg.run_name)
-    hashes = keys.FileHashes()
     for spec in stages:
         t0 = time.monotonic()
         state = stage_state(spec, cfg, run_dir, runtime)
-        if state.state == "up to date" and spec.name not in force and "all" not in force:
+        forced = spec.name in force or "all" in force
+        if state.state == "up to date" and not forced:
             announce(f"= {spec.name}: up to date")
-            results.append(StageResult(spec.name, "up to date", time.monotonic() - t0))
-            continue
-        reason = (
-            "forced"
-            if (spec.name in force or "all" in force)
-            else state.state + (f" ({state.why})" if state.why else "")
-        )
-        announce(f"▶ {spec.name}: {reason}; running with the {runtime.name} runtime")
-        parts = key_parts(spec, cfg, run_dir, runtime, hashes)
-        args = ["--config", config_path.as_posix(), "--run-dir", run_dir.as_posix()]
-        rc = runtime.run_stage(spec, args, layout.log(spec.name))
-        took = time.monotonic() - t0
-        if rc != 0:
-            results.append(StageResult(spec.name, "failed", took))
-            announce(f"✗ {spec.name} failed (exit {rc}) after {took:.1f} s; log: {layout.log(spec.name)}")
+            run.results.append(StageResult(spec.name, "up to date", time.monotonic() - t0))
+        elif not run.execute(spec, "forced" if forced else state.state + (f" ({state.why})" if state.why else "")):
             break
-        record_key(run_dir, spec.name, parts)
-        results.append(StageResult(spec.name, "ran", took))
-    return results
+        run.prune()
+    return run.results
 
 
 def human_size(n: int) -> str:

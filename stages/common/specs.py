@@ -46,6 +46,16 @@ def _nothing(cfg: PipelineConfig) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class Intermediate:
+    """Outputs of a stage that only later stages read: removed once all of `consumers` have run,
+    unless `keep.<name>` says otherwise, and remade by rerunning the stage when one needs them."""
+
+    name: str  # the field of the config's `keep` section
+    files: Callable[[str, PipelineConfig, RunLayout], bool]  # which manifest outputs (paths relative to the run)
+    consumers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     image: str  # one of IMAGES
@@ -57,6 +67,7 @@ class StageSpec:
     network: bool = False  # may download (the Hub); the others run with networking off
     # RAM its peak needs, and for what, checked before the heavy work (preflight.py).
     memory: Callable[..., tuple[int, str]] | None = None
+    intermediates: tuple[Intermediate, ...] = ()
 
     @property
     def module(self) -> str:
@@ -70,6 +81,15 @@ class StageSpec:
     def check_memory(self, cfg: PipelineConfig, layout: RunLayout, **facts) -> None:
         if self.memory is not None:
             preflight.check_free_memory(*self.memory(cfg, layout, **facts))
+
+
+def _merged_weights(rel: str, cfg: PipelineConfig, layout: RunLayout) -> bool:
+    # The weights only: config and tokenizer files stay (the report reads them).
+    return rel.startswith(layout.rel(layout.merged) + "/") and rel.endswith(".safetensors")
+
+
+def _outtype_gguf(rel: str, cfg: PipelineConfig, layout: RunLayout) -> bool:
+    return rel == layout.rel(layout.gguf(cfg.gguf.outtype))
 
 
 def _prepares(cfg: PipelineConfig) -> bool:
@@ -88,7 +108,13 @@ STAGES: tuple[StageSpec, ...] = (
         network=True,  # a Hub model id is fetched here
     ),
     StageSpec(
-        names.MERGE, MERGE_IMAGE, ("model", "merge"), (names.TRAIN,), inputs=_model, memory=preflight.merge_memory
+        names.MERGE,
+        MERGE_IMAGE,
+        ("model", "merge"),
+        (names.TRAIN,),
+        inputs=_model,
+        memory=preflight.merge_memory,
+        intermediates=(Intermediate("merged", _merged_weights, (names.CONVERT, names.REPORT)),),
     ),
     StageSpec(
         names.CONVERT,
@@ -98,6 +124,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         llama_cpp=True,
         memory=preflight.convert_memory,
+        intermediates=(Intermediate("outtype_gguf", _outtype_gguf, (names.QUANTIZE, names.REPORT)),),
     ),
     StageSpec(
         names.QUANTIZE,
