@@ -45,7 +45,13 @@ SPEC = specs.spec(names.REPORT)
 
 PERPLEXITY_TOOL = "llama-perplexity"
 BENCH_TOOL = "llama-bench"
-BENCH_ARGS = ("-p", "128", "-n", "32", "-r", "3")
+# llama-bench's test: prompt and generated tokens, repetitions. Past 1 B parameters a quarter of it,
+# once: one f16 repetition of the full test takes about a minute on 2 cores at 7 B.
+BENCH = {"small": (128, 32, 3), "large": (32, 8, 1)}
+LARGE = 1_000_000_000
+# Past LARGE the f16 file is not benchmarked: it is not what ships, and at 7 B it fills a 16 GB
+# host's memory, so generation would read it from disk for every token.
+NOT_BENCHED = {"prompt_tokens_per_s": None, "gen_tokens_per_s": None}
 # Lines of llama-perplexity's output that the report reads (tools/perplexity/perplexity.cpp).
 FINAL_PPL = re.compile(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)")
 KL_FIELDS = {
@@ -83,9 +89,15 @@ def kl_against_base(model: Path, logits: Path, chunks: int) -> dict[str, float]:
     return stats
 
 
-def bench(model: Path) -> dict[str, float]:
+def bench_test(n_params: int) -> tuple[int, int, int]:
+    return BENCH["large" if n_params > LARGE else "small"]
+
+
+def bench(model: Path, n_params: int) -> dict[str, float]:
     """Prompt processing and generation tokens/s on this host's CPU threads (llama-bench, JSON)."""
-    out = llamacpp.run_tool(BENCH_TOOL, ["-m", str(model), *BENCH_ARGS, "-o", "json"])
+    n_prompt, n_gen, reps = bench_test(n_params)
+    args = ["-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-r", str(reps), "-o", "json"]
+    out = llamacpp.run_tool(BENCH_TOOL, args)
     rows = json.loads(out[out.index("[") : out.rindex("]") + 1])
     pp = next(r for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
@@ -183,7 +195,7 @@ def report_table(rows: list[dict[str, Any]]) -> list[str]:
         top1 = "—" if r.get("top1_agreement") is None else f"{r['top1_agreement']:.1%}"
         lines.append(
             f"| {r['type']} | {r['size_bytes'] / 2**20:.1f} MiB | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f} "
-            f"| {kl} | {top1} | {r['prompt_tokens_per_s']} | {r['gen_tokens_per_s']} |"
+            f"| {kl} | {top1} | {r['prompt_tokens_per_s'] or '—'} | {r['gen_tokens_per_s'] or '—'} |"
         )
     return lines
 
@@ -196,7 +208,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"Held-out text: {report['text']['tokens']} tokens, {report['text']['chunks']} chunks of "
         f"{report['text']['ctx']} (second half of each scored). KL divergence and top-1 agreement are "
         "against the f16 GGUF. Speed: llama-bench, "
-        f"{report['bench_threads']} CPU threads, prompt 128 / generation 32 tokens.",
+        f"{report['bench_threads']} CPU threads, prompt {report['bench'][0]} / generation {report['bench'][1]} "
+        f"tokens, {report['bench'][2]} repetition(s).",
         "",
         *report_table(report["types"]),
         "",
@@ -337,14 +350,15 @@ def measure(cfg: PipelineConfig, layout: RunLayout, work: Path) -> dict[str, Any
         ppl16 = perplexity_base(f16, text_file, logits, ctx, len(chunks))
         rows.append({"type": cfg.gguf.outtype, "file": f16.name, "size_bytes": f16_info.size_bytes,
                      "bits_per_weight": round(f16_info.bits_per_weight, 3), "perplexity": ppl16,
-                     "kl_mean": None, "top1_agreement": None, **bench(f16)})  # fmt: skip
+                     "kl_mean": None, "top1_agreement": None,
+                     **(bench(f16, f16_info.n_params) if f16_info.n_params <= LARGE else NOT_BENCHED)})  # fmt: skip
         for qtype in cfg.gguf.quant_types:
             status.update(f"llama-perplexity --kl-divergence on {qtype}")
             path = layout.gguf(qtype)
             kl = kl_against_base(path, logits, len(chunks))
             rows.append({"type": qtype, "file": path.name, "size_bytes": quant[qtype]["size_bytes"],
                          "bits_per_weight": quant[qtype]["bits_per_weight"], "perplexity": kl.pop("ppl"),
-                         **kl, **bench(path)})  # fmt: skip
+                         **kl, **bench(path, f16_info.n_params)})  # fmt: skip
             console.print(
                 f"{qtype}: KL {rows[-1]['kl_mean']:.4f}, top-1 {rows[-1]['top1_agreement']:.1%}, "
                 f"perplexity {rows[-1]['perplexity']:.4f} (f16 {ppl16:.4f})"
@@ -356,6 +370,7 @@ def measure(cfg: PipelineConfig, layout: RunLayout, work: Path) -> dict[str, Any
         "run_name": cfg.run_name,
         "text": {"tokens": len(tokens), "ctx": ctx, "chunks": len(chunks), "characters": len(text)},
         "bench_threads": os.cpu_count(),
+        "bench": bench_test(f16_info.n_params),
         "types": rows,
         "conversion": {
             "hf_perplexity": hf_ppl,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import load_config, parse_overrides
+from stages.common.config import EvalConfig, ReportConfig, load_config, parse_overrides
 from stages.common.errors import StageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -148,3 +148,12 @@ def test_invoke_refuses_an_unknown_profile_in_one_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown profile '99gb'; expected one of 24gb, 12gb"
+
+
+def test_report_and_eval_budgets_scale_with_model_size():
+    """135M models are scored on everything the caps allow; 7B ones on what 2 cores do in minutes."""
+    cfg = ReportConfig()
+    assert cfg.chunks_for(134_515_008) == 58 and cfg.chunks_for(7_380_000_000) == 2
+    assert ReportConfig(max_chunks=8).chunks_for(134_515_008) == 8
+    assert EvalConfig().examples_for(134_515_008) == 100 and EvalConfig().examples_for(7_380_000_000) == 40
+    assert EvalConfig().examples_for(70_000_000_000) == 10  # never fewer than 10 rows
