@@ -75,7 +75,7 @@ def code_digest(module: str) -> dict[str, str]:
 
 
 class FileHashes:
-    """sha256 of files, remembered under (size, mtime_ns) so that unchanged files are not reread."""
+    """sha256 of files, remembered under (size, mtime_ns, inode) so that unchanged files are not reread."""
 
     def __init__(self, path: Path | None = None):
         self.path = path or cache_dir() / HASH_CACHE
@@ -87,11 +87,13 @@ class FileHashes:
 
     def sha256(self, path: Path) -> str:
         st = path.stat()
-        key = str(path.resolve())
-        stamp = [st.st_size, st.st_mtime_ns]
+        # The path as given (relative to the project, as configs write it) and the inode: the same in
+        # a stage's container, where the project is mounted elsewhere, as on the host.
+        key = str(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         hit = self.known.get(key)
-        if hit and hit[:2] == stamp:
-            return hit[2]
+        if hit and hit[:3] == stamp:
+            return hit[3]
         digest = sha256_file(path)
         self.known[key] = [*stamp, digest]
         self.dirty = True
