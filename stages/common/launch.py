@@ -1,0 +1,111 @@
+"""The train stage on several processes: one per GPU, on one machine or on several (torchrun).
+
+    python -m stages.train --config C --set training.gpus=2                           # 1 node, 2 GPUs
+    python -m stages.train --config C --set training.nodes=2 --set training.node_rank=0 \\
+        --set training.main_address=10.0.0.1                                            # on node 0
+    python -m stages.train --config C --set training.nodes=2 --set training.node_rank=1 \\
+        --set training.main_address=10.0.0.1                                            # on node 1
+    invoke stage train --nodes 2 --node-rank 1 --main-address 10.0.0.1 --config C      # the same
+
+A stage started as one plain process re-runs itself under torchrun when training.gpus x
+training.nodes > 1: `torch.distributed.run` starts training.gpus processes on this machine and
+meets the other machines at main_address:main_port (static rendezvous; node 0 hosts the store). A
+process that a launcher started already (torchrun, a Kubeflow PyTorchJob, Slurm's srun + torchrun:
+WORLD_SIZE is set) trains directly. node_rank and main_address default to what those launchers
+export (KILN_NODE_RANK or PET_NODE_RANK or SLURM_NODEID; KILN_MAIN_ADDRESS or PET_MASTER_ADDR or
+MASTER_ADDR), so one config file serves every node. deploy/ has a PyTorchJob and a Slurm script.
+
+Only global rank 0 writes the stage's outputs (adapter, manifest, checkpoints); a resume across nodes
+therefore needs runs/ on storage every node sees. docs/multi-gpu.md says when to use which.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from stages.common.errors import StageError
+
+NODE_RANK_ENV = ("KILN_NODE_RANK", "PET_NODE_RANK", "SLURM_NODEID")
+MAIN_ADDRESS_ENV = ("KILN_MAIN_ADDRESS", "PET_MASTER_ADDR", "MASTER_ADDR")
+# Where this node is and how it finds the others: not part of what is trained, so not part of the
+# checkpoint digest (a Slurm job gets a new main node at every resubmission).
+LAUNCH_ONLY_FIELDS = ("node_rank", "main_address", "main_port")
+
+
+@dataclass(frozen=True)
+class Launch:
+    nodes: int
+    gpus: int  # processes on this node
+    node_rank: int
+    main_address: str
+    main_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus
+
+    def torchrun(self, module: str, args: list[str], python: str = sys.executable) -> list[str]:
+        """The command that starts this node's processes, each running `python -m module args`."""
+        cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(self.gpus)]
+        if self.nodes == 1:
+            cmd += ["--standalone"]  # a free local port: two single-node jobs on one host do not collide
+        else:
+            cmd += ["--nnodes", str(self.nodes), "--node-rank", str(self.node_rank)]
+            cmd += ["--master-addr", self.main_address, "--master-port", str(self.main_port)]
+        return [*cmd, "-m", module, *args]
+
+
+def _from_env(env: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
+    return next((env[k] for k in keys if env.get(k)), None)
+
+
+def plan(training, env: Mapping[str, str] = os.environ) -> Launch:
+    """The launch `training` (a TrainingConfig) asks for on this node; StageError when it is incomplete."""
+    nodes, gpus = training.nodes, training.gpus
+    rank_text = None if training.node_rank is not None else _from_env(env, NODE_RANK_ENV)
+    address = training.main_address or _from_env(env, MAIN_ADDRESS_ENV)
+    if nodes == 1:
+        return Launch(1, gpus, 0, address or "127.0.0.1", training.main_port)
+    if training.node_rank is None and rank_text is None:
+        raise StageError(
+            f"training.nodes is {nodes} but this node's rank is unknown; set training.node_rank (0..{nodes - 1}) "
+            f"or one of {', '.join(NODE_RANK_ENV)}"
+        )
+    node_rank = training.node_rank if training.node_rank is not None else int(rank_text)
+    if not 0 <= node_rank < nodes:
+        raise StageError(f"node rank {node_rank} is outside 0..{nodes - 1} (training.nodes is {nodes})")
+    if not address:
+        raise StageError(
+            f"training.nodes is {nodes} but node 0's address is unknown; set training.main_address "
+            f"or one of {', '.join(MAIN_ADDRESS_ENV)}"
+        )
+    return Launch(nodes, gpus, node_rank, address, training.main_port)
+
+
+def inside_launcher(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether a launcher (torchrun, accelerate, a PyTorchJob) started this process as one rank."""
+    return "WORLD_SIZE" in env and "RANK" in env
+
+
+def rank(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("RANK", "0"))
+
+
+def local_rank(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get("LOCAL_RANK", "0"))
+
+
+def is_main(env: Mapping[str, str] = os.environ) -> bool:
+    """Global rank 0: the one process that writes the stage's outputs."""
+    return rank(env) == 0
+
+
+def relaunch(launch: Launch, module: str, args: list[str]) -> int:
+    """Run this node's share of the job under torchrun; its exit code (the first failing rank's)."""
+    cmd = launch.torchrun(module, args)
+    print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
+    return subprocess.run(cmd, check=False).returncode
