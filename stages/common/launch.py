@@ -48,15 +48,16 @@ class Launch:
     def world_size(self) -> int:
         return self.nodes * self.gpus
 
-    def torchrun(self, module: str, args: list[str], python: str = sys.executable) -> list[str]:
-        """The command that starts this node's processes, each running `python -m module args`."""
+    def torchrun(self, program: list[str], python: str = sys.executable) -> list[str]:
+        """The command that starts this node's processes, each running `python *program`
+        (["-m", "stages.train", ...] or [script, ...])."""
         cmd = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(self.gpus)]
         if self.nodes == 1:
             cmd += ["--standalone"]  # a free local port: two single-node jobs on one host do not collide
         else:
             cmd += ["--nnodes", str(self.nodes), "--node-rank", str(self.node_rank)]
             cmd += ["--master-addr", self.main_address, "--master-port", str(self.main_port)]
-        return [*cmd, "-m", module, *args]
+        return [*cmd, *program]
 
 
 def _from_env(env: Mapping[str, str], keys: tuple[str, ...]) -> str | None:
@@ -105,7 +106,7 @@ def is_main(env: Mapping[str, str] = os.environ) -> bool:
 
 
 def relaunch(launch: Launch, module: str, args: list[str]) -> int:
-    """Run this node's share of the job under torchrun; its exit code (the first failing rank's)."""
-    cmd = launch.torchrun(module, args)
+    """Run this node's share of `python -m module args` under torchrun; non-zero when a rank failed."""
+    cmd = launch.torchrun(["-m", module, *args])
     print("launching: " + " ".join(cmd), file=sys.stderr, flush=True)
     return subprocess.run(cmd, check=False).returncode
