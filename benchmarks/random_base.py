@@ -106,6 +106,8 @@ def write_prequantized(path: Path, config, device: str = "cuda", seed: int = 0) 
         for norm in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"{prefix}.{norm}.weight"] = torch.ones(h, dtype=torch.bfloat16)
         flush(tensors, shards[i])
+        if (i + 1) % 10 == 0 or i + 1 == layers:  # a write cut short by a time limit shows how far it got
+            print(f"random base: {i + 1}/{layers} layers, {total / 2**30:.1f} GiB", file=sys.stderr, flush=True)
     ends = {
         "model.embed_tokens.weight": dense((config.vocab_size, h)).cpu(),
         "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),

@@ -29,10 +29,12 @@ the same count (gflop_per_token). 989 TFLOP/s: dense bf16 peak of an H100/H200 S
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -50,14 +52,15 @@ GFLOP_PER_TOKEN = 30.6  # Mistral-7B shapes, reference LoRA (module docstring)
 PEAK_TFLOPS = 989.0
 LENGTH_MEDIAN, LENGTH_MEAN, LENGTH_MAX, LENGTH_MIN = 380, 444, 1024, 16
 REFERENCE_MEASURED = {"reference": 3250, "12gb": 2738, "24gb": 7599}  # plain-loop figures, BUILD-HOSTS.md
-PROFILE_TIMEOUT_S = 900
 
 # Overrides on configs/mistral-7b-guanaco.yaml. The reference is the recipe as published; the
 # profiles are the project's (stages/common/profiles.py); candidates are measured against them.
 PROFILES: dict[str, list[str]] = {
     "reference": [],
     **USER_PROFILES,
-    "24gb-fused": [*USER_PROFILES["24gb"], "training.fused_lora=true"],
+    # The 24gb profile without and with training.fused_lora (which it now includes).
+    "24gb-peft": [o for o in USER_PROFILES["24gb"] if o != "training.fused_lora=true"],
+    "24gb-fused": [*USER_PROFILES["24gb"]],
     # The 24gb profile before LoRA dropout 0 made room for batch 40.
     "24gb-b32": ["training.batch_size=32", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
     "24gb-offload": ["training.batch_size=32", "training.activation_offloading=true", "training.liger_kernel=true"],
@@ -191,10 +194,11 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
         total = torch.cuda.get_device_properties(local_rank()).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, local_rank())
     warmup, steps = args.warmup, args.steps
-    cfg = load_config(ROOT / "configs" / "mistral-7b-guanaco.yaml", [*PROFILES[profile], *args.set])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = [f"training.gpus={world}"]  # what torchrun started (the config's checks need it, e.g. FSDP)
+    cfg = load_config(ROOT / "configs" / "mistral-7b-guanaco.yaml", [*launch, *PROFILES[profile], *args.set])
     t = cfg.training
     t.max_steps, t.save_steps, t.logging_steps = warmup + steps, 10**9, 1
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     model_config = json.loads((model_dir / "config.json").read_text())
     tok = tokenizer_for(args.workdir / "tokenizer")
     if model_config["vocab_size"] < 32000:  # the tiny dry-run model: token ids must fit its vocabulary
@@ -208,11 +212,15 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
     timing: dict = {}
 
     class Clock(TrainerCallback):
+        """Times the steps after warm-up; peak memory over all steps (the longest batch comes first)."""
+
+        def on_train_begin(self, _args, state, control, **kw):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
         def on_step_end(self, _args, state, control, **kw):
             if state.global_step in (warmup, warmup + steps):
                 sync()
-                if state.global_step == warmup and cuda:
-                    torch.cuda.reset_peak_memory_stats()
                 key = "0" if state.global_step == warmup else "1"
                 timing.update({f"t{key}": time.perf_counter(), f"tok{key}": state.num_input_tokens_seen})
 
@@ -242,9 +250,10 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
         step_timing = StepTiming(trainer, warmup, steps)
         trainer.add_callback(step_timing)
     trainer.train()
-    trainer.loss_watch.drain()
+    if hasattr(trainer, "loss_watch"):  # absent when this script times an older train stage
+        trainer.loss_watch.drain()
     if step_timing is not None:
-        step_timing.write(args.workdir / f"timing-{profile}")
+        step_timing.write(timing_dir(args, profile, world))
     peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()] if cuda else [0, 0])
     peaks = peaks.to("cuda" if cuda else "cpu")
     if dist.is_initialized():
@@ -266,6 +275,7 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
         "timed_tokens": int(tokens),
         "peak_allocated_gib": round(float(peaks[0]) / 2**30, 2),
         "peak_reserved_gib": round(float(peaks[1]) / 2**30, 2),
+        "peak_scope": "every training step, warm-up included (the epoch's longest batch is step 1)",
         "gflop_per_token": round(gflop, 2),
         "mfu_per_gpu": round(tps * gflop * 1e9 / (PEAK_TFLOPS * 1e12 * world), 4),
         "global_batch_rows": t.batch_size * t.gradient_accumulation_steps * world,
@@ -274,6 +284,10 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
     }
+
+
+def timing_dir(args, profile: str, world: int) -> Path:
+    return args.workdir / f"timing-{profile}-w{world}{'-' + args.label if args.label else ''}"
 
 
 def versions() -> dict:
@@ -290,9 +304,9 @@ def launch_profile(profile: str, args) -> dict:
     one = [__file__, "--one", profile, "--steps", str(args.steps), "--warmup", str(args.warmup), "--workdir",
            str(args.workdir), "--shape", args.shape, "--lengths", args.lengths,
            "--memory-cap-gib", str(args.memory_cap_gib or 0), *(["--trace"] if args.trace else []),
-           *(["--timing"] if args.timing else []), "--out", str(args.out),
+           *(["--timing"] if args.timing else []), "--out", str(args.out), "--label", args.label,
            *(a for o in args.set for a in ("--set", o))]  # fmt: skip
-    procs = []
+    procs, logs = [], []
     for node in range(args.nodes):
         gpus = [str(args.first_gpu + node * args.gpus + g) for g in range(args.gpus)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
@@ -300,21 +314,27 @@ def launch_profile(profile: str, args) -> dict:
             cmd = [sys.executable, *one]
         else:  # the train stage's own launcher; nodes > 1: one torchrun per "node", over loopback
             cmd = Launch(args.nodes, args.gpus, node, "127.0.0.1", 29400 + args.first_gpu).torchrun(one)
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
-    outs = []
+        # Output to files as it comes: a profile killed at its time limit still shows how far it got.
+        log = args.workdir / f"{profile}-node{node}{'-' + args.label if args.label else ''}.log"
+        logs.append(log)
+        with log.open("w") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=fh, text=True, env=env, start_new_session=True))
+    deadline = time.monotonic() + args.timeout
     for proc in procs:
         try:
-            outs.append((proc, *proc.communicate(timeout=PROFILE_TIMEOUT_S)))
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            return {"profile": profile, "error": f"timed out after {PROFILE_TIMEOUT_S} s"}
-    proc, out, err = outs[0]
-    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
-    if any(p.returncode for p, _, _ in outs) or not lines:
-        for _, _, e in outs:
-            print(e[-3000:], file=sys.stderr)
-        tail = (err.strip().splitlines() or ["no output"])[::-1]
+            for p in procs:  # each launcher leads its own process group: its ranks go with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+            print(logs[0].read_text()[-3000:], file=sys.stderr)
+            return {"profile": profile, "error": f"timed out after {args.timeout} s"}
+    out = logs[0].read_text()
+    lines = [ln for ln in out.splitlines() if ln.startswith('{"profile"')]
+    if any(p.returncode for p in procs) or not lines:
+        for log in logs:
+            print(log.read_text()[-3000:], file=sys.stderr)
+        tail = (out.strip().splitlines() or ["no output"])[::-1]
         return {"profile": profile, "error": next((ln for ln in tail if "Error" in ln), tail[0])}
     return json.loads(lines[-1])
 
@@ -335,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="synthetic", help="'synthetic' or a JSON list of row lengths")
     p.add_argument("--memory-cap-gib", type=float, default=0, help="cap each process's CUDA allocator (0: none)")
     p.add_argument("--label", default="", help="added to the result file names")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per profile; its processes are killed after")
     p.add_argument("--set", action="append", default=[], help="extra config override for every profile")
     p.add_argument("--timing", action="store_true", help="record where each rank's step time goes")
     p.add_argument(
@@ -342,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the timed steps under torch.profiler; kernel tables go to <out>/exploration, no results",
     )
+    p.add_argument("--prepare-only", action="store_true", help="write the random base and tokenizer, then exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one profile in this process
     args = p.parse_args(argv)
     if args.one:
@@ -357,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this benchmark needs a CUDA GPU (--shape tiny dry-runs it on the CPU)", file=sys.stderr)
         return 2
     base_model(args.shape, args.workdir)
+    tokenizer_for(args.workdir / "tokenizer")
+    if args.prepare_only:
+        return 0
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor()})"
     command = " ".join([Path(sys.executable).name, *sys.argv])
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -376,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing and "error" not in r:
             from step_timing import combine
 
-            r["step_timing"] = combine(args.workdir / f"timing-{profile}")
+            r["step_timing"] = st = combine(timing_dir(args, profile, args.gpus * args.nodes))
+            real = sum(x["real_tokens"] for x in st["per_rank"])
+            r["padding_share_measured"] = round(sum(x["padded_tokens"] for x in st["per_rank"]) / real - 1, 4)
         ref = results.get("reference", {}).get("tokens_per_s")
         r.update(
             gpu=gpu,
