@@ -355,9 +355,10 @@ def _newest_complete(ckpt_dir: Path) -> Path | None:
 
 def train(ctx: StageContext, argv: list[str]) -> int | None:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    plan = launch.plan(cfg.training)
-    if plan.world_size > 1 and not launch.inside_launcher():
-        return launch.relaunch(plan, "stages.train", argv)  # each rank comes back here, under torchrun
+    if not launch.inside_launcher():
+        plan = launch.plan(cfg.training)
+        if plan.world_size > 1:
+            return launch.relaunch(plan, "stages.train", argv)  # each rank comes back here, under torchrun
     if not launch.inside_launcher() and "CUDA_VISIBLE_DEVICES" not in os.environ:
         # One process seeing several GPUs would make Trainer wrap the model in nn.DataParallel,
         # which 4-bit models do not support; several GPUs go through torchrun (training.gpus).

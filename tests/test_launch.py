@@ -49,6 +49,7 @@ def test_multi_node_static_rendezvous():
         ({"KILN_NODE_RANK": "1", "KILN_MAIN_ADDRESS": "head"}, 1, "head"),
         ({"PET_NODE_RANK": "2", "PET_MASTER_ADDR": "job-master-0"}, 2, "job-master-0"),  # Kubeflow PyTorchJob
         ({"SLURM_NODEID": "3", "MASTER_ADDR": "node17"}, 3, "node17"),  # Slurm, MASTER_ADDR set by the script
+        ({"WORLD_SIZE": "4", "RANK": "1", "MASTER_ADDR": "job-master-0"}, 1, "job-master-0"),  # PyTorchJob pod
     ],
 )
 def test_rank_and_address_from_the_launchers_environment(env, rank, address):
@@ -99,8 +100,17 @@ def test_where_a_node_is_does_not_change_the_checkpoint_digest():
     assert training_digest(a, {}) == training_digest(b, {}) != training_digest(c, {})
 
 
+def test_port_from_the_launchers_environment():
+    assert launch.plan(training(nodes=2, node_rank=0, main_address="a"), env={}).main_port == 29500
+    assert (
+        launch.plan(training(nodes=2), env={"RANK": "0", "MASTER_ADDR": "m", "MASTER_PORT": "23456"}).main_port == 23456
+    )
+    assert launch.plan(training(nodes=2, main_port=3000), env={"RANK": "0", "MASTER_ADDR": "m"}).main_port == 3000
+
+
 def test_inside_launcher():
-    assert launch.inside_launcher({"WORLD_SIZE": "2", "RANK": "1"})
+    assert launch.inside_launcher({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})  # torchrun's child
+    assert not launch.inside_launcher({"WORLD_SIZE": "2", "RANK": "1"})  # a PyTorchJob pod: relaunches
     assert not launch.inside_launcher({})
     assert launch.is_main({"RANK": "0"}) and not launch.is_main({"RANK": "1"})
 

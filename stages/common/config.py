@@ -113,7 +113,12 @@ class TrainingConfig(Section):
         None,
         description="Address of node 0 (the rendezvous); None: from KILN_MAIN_ADDRESS, PET_MASTER_ADDR or MASTER_ADDR.",
     )
-    main_port: int = Field(29500, gt=0, lt=65536, description="TCP port of the rendezvous on node 0.")
+    main_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Rendezvous port on node 0; None: KILN_MAIN_PORT, PET_MASTER_PORT, MASTER_PORT or 29500.",
+    )
 
 
 class MergeConfig(Section):

@@ -10,10 +10,10 @@
 A stage started as one plain process re-runs itself under torchrun when training.gpus x
 training.nodes > 1: `torch.distributed.run` starts training.gpus processes on this machine and
 meets the other machines at main_address:main_port (static rendezvous; node 0 hosts the store). A
-process that a launcher started already (torchrun, a Kubeflow PyTorchJob, Slurm's srun + torchrun:
-WORLD_SIZE is set) trains directly. node_rank and main_address default to what those launchers
-export (KILN_NODE_RANK or PET_NODE_RANK or SLURM_NODEID; KILN_MAIN_ADDRESS or PET_MASTER_ADDR or
-MASTER_ADDR), so one config file serves every node. deploy/ has a PyTorchJob and a Slurm script.
+process that a per-process launcher started (torchrun, accelerate launch: LOCAL_RANK is set) trains
+directly. node_rank, main_address and main_port default to what the usual launchers export
+(NODE_RANK_ENV, MAIN_ADDRESS_ENV, MAIN_PORT_ENV below: Kubeflow's PyTorchJob, Slurm), so one config
+file serves every node. deploy/ has a PyTorchJob and a Slurm script.
 
 Only global rank 0 writes the stage's outputs (adapter, manifest, checkpoints); a resume across nodes
 therefore needs runs/ on storage every node sees. docs/multi-gpu.md says when to use which.
@@ -29,8 +29,12 @@ from dataclasses import dataclass
 
 from stages.common.errors import StageError
 
-NODE_RANK_ENV = ("KILN_NODE_RANK", "PET_NODE_RANK", "SLURM_NODEID")
+# Where launchers say which node this is and where node 0 listens: kiln's own, torchrun's (a Kubeflow
+# PyTorchJob with nprocPerNode), Slurm's, and a PyTorchJob pod's (RANK is the pod's index there).
+NODE_RANK_ENV = ("KILN_NODE_RANK", "PET_NODE_RANK", "SLURM_NODEID", "RANK")
 MAIN_ADDRESS_ENV = ("KILN_MAIN_ADDRESS", "PET_MASTER_ADDR", "MASTER_ADDR")
+MAIN_PORT_ENV = ("KILN_MAIN_PORT", "PET_MASTER_PORT", "MASTER_PORT")
+DEFAULT_PORT = 29500
 # Where this node is and how it finds the others: not part of what is trained, so not part of the
 # checkpoint digest (a Slurm job gets a new main node at every resubmission).
 LAUNCH_ONLY_FIELDS = ("node_rank", "main_address", "main_port")
@@ -69,8 +73,9 @@ def plan(training, env: Mapping[str, str] = os.environ) -> Launch:
     nodes, gpus = training.nodes, training.gpus
     rank_text = None if training.node_rank is not None else _from_env(env, NODE_RANK_ENV)
     address = training.main_address or _from_env(env, MAIN_ADDRESS_ENV)
+    port = training.main_port or int(_from_env(env, MAIN_PORT_ENV) or DEFAULT_PORT)
     if nodes == 1:
-        return Launch(1, gpus, 0, address or "127.0.0.1", training.main_port)
+        return Launch(1, gpus, 0, address or "127.0.0.1", port)
     if training.node_rank is None and rank_text is None:
         raise StageError(
             f"training.nodes is {nodes} but this node's rank is unknown; set training.node_rank (0..{nodes - 1}) "
@@ -84,12 +89,13 @@ def plan(training, env: Mapping[str, str] = os.environ) -> Launch:
             f"training.nodes is {nodes} but node 0's address is unknown; set training.main_address "
             f"or one of {', '.join(MAIN_ADDRESS_ENV)}"
         )
-    return Launch(nodes, gpus, node_rank, address, training.main_port)
+    return Launch(nodes, gpus, node_rank, address, port)
 
 
 def inside_launcher(env: Mapping[str, str] = os.environ) -> bool:
-    """Whether a launcher (torchrun, accelerate, a PyTorchJob) started this process as one rank."""
-    return "WORLD_SIZE" in env and "RANK" in env
+    """Whether a per-process launcher (torchrun, accelerate launch) started this process as one rank.
+    A PyTorchJob pod has WORLD_SIZE and RANK too, but one per pod, not per GPU: no LOCAL_RANK."""
+    return all(k in env for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
 
 
 def rank(env: Mapping[str, str] = os.environ) -> int:
