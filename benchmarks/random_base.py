@@ -41,6 +41,16 @@ def llama_config(shape: str, vocab: int = 32000):
     return LlamaConfig(vocab_size=vocab, max_position_embeddings=4096, rms_norm_eps=1e-5, **kwargs)
 
 
+def tiny_config():
+    """Llama-2-70B's config with 2 layers and tiny widths: tests and CPU dry runs of the same code."""
+    from transformers import LlamaConfig
+
+    shapes = llama_config("llama2-70b:2").to_dict()
+    keep = ("rms_norm_eps", "num_hidden_layers", "max_position_embeddings")
+    return LlamaConfig(**{k: shapes[k] for k in keep}, vocab_size=320, hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+
+
 def quant_config(storage: str = "bfloat16"):
     from transformers import BitsAndBytesConfig
 

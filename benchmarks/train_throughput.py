@@ -144,7 +144,9 @@ def random_mistral(path: Path) -> Path:
 
 
 def model_path(shape: str, workdir: Path) -> Path:
-    name = {"mistral-7b": "mistral-7b-random", "tiny": "tiny-mistral"}.get(shape, f"{shape.replace(':', '-L')}-nf4")
+    name = {"mistral-7b": "mistral-7b-random", "tiny": "tiny-mistral", "tiny-nf4": "tiny-llama-nf4"}.get(
+        shape, f"{shape.replace(':', '-L')}-nf4"
+    )
     return workdir / name
 
 
@@ -159,8 +161,10 @@ def base_model(shape: str, workdir: Path) -> Path:
         from tiny_models import build_tiny_mistral
 
         return path if (path / "config.json").is_file() else build_tiny_mistral(path)
-    from random_base import llama_config, write_prequantized
+    from random_base import llama_config, tiny_config, write_prequantized
 
+    if shape == "tiny-nf4":  # the FSDP path (a pre-quantized base loaded on the host) on the CPU
+        return write_prequantized(path, tiny_config(), device="cpu")
     return write_prequantized(path, llama_config(shape))
 
 
@@ -259,6 +263,8 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
     if dist.is_initialized():
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    wrapped = trainer.model_wrapped
+    sharded = sum(type(m).__name__.startswith("FSDP") for m in wrapped.modules())  # FSDP2: FSDP<Module> classes
     tokens = timing["tok1"] - timing["tok0"]
     tps = tokens / (timing["t1"] - timing["t0"])
     if model_config.get("model_type") == "mistral" and model_config["hidden_size"] == 4096:
@@ -279,6 +285,8 @@ def run_profile(profile: str, args, model_dir: Path, trace: Path | None = None) 
         "gflop_per_token": round(gflop, 2),
         "mfu_per_gpu": round(tps * gflop * 1e9 / (PEAK_TFLOPS * 1e12 * world), 4),
         "global_batch_rows": t.batch_size * t.gradient_accumulation_steps * world,
+        "wrapper": type(wrapped).__name__,
+        "fsdp_sharded_modules": sharded,
         "padding_share": padding_share(lengths, t.batch_size, world),
         "losses": losses,
         "loss_first": losses[0] if losses else None,
@@ -375,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    if not torch.cuda.is_available() and args.shape != "tiny":
-        print("error: this benchmark needs a CUDA GPU (--shape tiny dry-runs it on the CPU)", file=sys.stderr)
+    if not torch.cuda.is_available() and not args.shape.startswith("tiny"):
+        print(
+            "error: this benchmark needs a CUDA GPU (--shape tiny or tiny-nf4 dry-run it on the CPU)", file=sys.stderr
+        )
         return 2
     base_model(args.shape, args.workdir)
     tokenizer_for(args.workdir / "tokenizer")

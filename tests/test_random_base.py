@@ -12,16 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from random_base import STD, llama_config, quant_config, write_prequantized  # noqa: E402
-
-
-def tiny_config():
-    from transformers import LlamaConfig
-
-    shapes = llama_config("llama2-70b:2").to_dict()  # the 70B config with 2 layers, then made tiny
-    keep = ("rms_norm_eps", "num_hidden_layers", "max_position_embeddings")
-    return LlamaConfig(**{k: shapes[k] for k in keep}, vocab_size=320, hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+from random_base import STD, quant_config, tiny_config, write_prequantized  # noqa: E402
 
 
 def test_prequantized_base_loads_like_a_quantized_save(tmp_path):
