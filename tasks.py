@@ -183,12 +183,17 @@ def setup(c):
         "stage": "stage to run (prepare, train, merge, convert, quantize, report, smoke, evaluate)",
         "config": "pipeline YAML",
         "set_": "override one config value, KEY=VALUE (repeatable)",
-        "gpus": "train on N GPUs with accelerate (DDP)",
+        "gpus": "train on N GPUs of this machine (DDP; the stage relaunches itself under torchrun)",
         "profile": "train-speed profile for one GPU: 24gb or 12gb; --set beats it",
+        "nodes": "train on N machines; run the same command on each with its --node-rank (docs/multi-gpu.md)",
+        "node_rank": "this machine's index, 0..nodes-1 (default: KILN_NODE_RANK, PET_NODE_RANK or SLURM_NODEID)",
+        "main_address": "address of node 0 (default: KILN_MAIN_ADDRESS, PET_MASTER_ADDR or MASTER_ADDR)",
+        "main_port": "rendezvous port on node 0 (default 29500)",
     },
     iterable=["set_"],
 )
-def stage(c, stage, config=None, set_=None, gpus=1, profile=None):
+def stage(c, stage, config=None, set_=None, gpus=1, profile=None, nodes=1, node_rank=None, main_address=None,
+          main_port=None):  # fmt: skip
     """Run one stage locally, outside the build graph (no cache check)."""
     from stages.common.errors import StageError
     from stages.common.profiles import profile_overrides
@@ -202,12 +207,22 @@ def stage(c, stage, config=None, set_=None, gpus=1, profile=None):
         overrides = [*profile_overrides(profile), *(set_ or [])]
     except StageError as exc:
         raise Exit(f"error: {exc}", code=2) from None
+    launch = {
+        "gpus": gpus,
+        "nodes": nodes,
+        "node_rank": node_rank,
+        "main_address": main_address,
+        "main_port": main_port,
+    }
+    if stage == names.TRAIN:
+        overrides += [f"training.{k}={v}" for k, v in launch.items() if v is not None and (k, v) not in DEFAULT_LAUNCH]
+    elif int(gpus) > 1 or int(nodes) > 1:
+        raise Exit(f"error: --gpus/--nodes apply to the train stage only, not {stage}", code=2)
     sets = " ".join(f"--set {s}" for s in overrides)
-    if int(gpus) > 1:
-        launcher = f"{PY} -m accelerate.commands.launch --multi_gpu --num_processes {int(gpus)} -m stages.{stage}"
-        c.run(f"{launcher} --config {cfg_path} {sets} --set training.gpus={int(gpus)}", echo=True, pty=False)
-    else:
-        c.run(f"{PY} -m stages.{stage} --config {cfg_path} {sets}", echo=True)
+    c.run(f"{PY} -m stages.{stage} --config {cfg_path} {sets}", echo=True, pty=False)
+
+
+DEFAULT_LAUNCH = {("gpus", 1), ("nodes", 1)}  # left to the config file unless given
 
 
 @task(

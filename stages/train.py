@@ -3,32 +3,38 @@
     python -m stages.train --config runs/demo/config.yaml                    # local
     docker compose run --rm train --config runs/demo/config.yaml             # container, GPU
     docker compose run --rm train-cpu --config runs/demo/config.yaml         # container, CPU
-    invoke stage train --gpus 2 --config configs/mistral-7b-guanaco.yaml     # DDP via accelerate
+    python -m stages.train --config C --set training.gpus=2                   # DDP, relaunched under torchrun
+    invoke stage train --gpus 2 --nodes 2 --node-rank 0 --main-address HOST --config C   # multi-node
 
 Reads the base model (model.*) and the rows (data.*), loads the base in 4-bit NF4 with double
 quantization (quantization.*), adds LoRA adapters (lora.*) and trains them (training.*). The
 same code runs on CUDA and on the CPU: bitsandbytes has a CPU backend for NF4 and 8-bit AdamW.
 Writes runs/<run>/adapter/ (adapter weights, config, tokenizer, loss log) and keeps resumable
-checkpoints (adapter, optimizer, scheduler, RNG states) in runs/<run>/checkpoints/.
+checkpoints (adapter, optimizer, scheduler, RNG states) in runs/<run>/checkpoints/. With
+training.gpus x training.nodes > 1 the stage re-runs itself under torchrun (stages/common/launch.py);
+global rank 0 writes the outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
+import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from stages.common import names, specs
+from stages.common import fsdp, launch, names, specs
 from stages.common.artifacts import check_free_disk, sha256_file, stage_output
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
 from stages.common.data import check_report, drop_too_long, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
+from stages.common.losswatch import LossWatch, NonFiniteLoss
 from stages.common.model import resolve
+from stages.common.sampler import BalancedLengthSampler
 
 GPU_FIX = (
     "training.device is 'cuda' but no CUDA GPU is visible; give the container a GPU "
@@ -40,12 +46,6 @@ SPEC = specs.spec(names.TRAIN)
 
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
 CONFIG_STAMP = "config.sha256"
-
-
-class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float):
-        super().__init__(f"loss became {value} at step {step}")
-        self.step, self.value = step, value
 
 
 # --- Setup ---------------------------------------------------------------------------------
@@ -114,6 +114,8 @@ def data_digests(cfg: PipelineConfig) -> dict[str, str]:
 def training_digest(cfg: PipelineConfig, data: dict[str, str]) -> str:
     """What a checkpoint must have been trained with to be resumed (`data`: the files' sha256)."""
     parts = {k: cfg.model_dump(mode="json")[k] for k in ("model", "data", "quantization", "lora", "training")}
+    for key in launch.LAUNCH_ONLY_FIELDS:
+        parts["training"].pop(key)
     parts["files"] = data
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -138,10 +140,10 @@ def load_model(path: Path, cfg: PipelineConfig, device: str):
             # in the compute dtype's bytes so that they can be sharded with the rest.
             **({"bnb_4bit_quant_storage": compute} if cfg.training.fsdp else {}),
         )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.local_rank()
     device_map = {"": f"cuda:{local_rank}"} if device == "cuda" else {"": "cpu"}
-    if cfg.training.fsdp:
-        device_map = None  # FSDP places the shards; each rank loads on the CPU first
+    if cfg.training.fsdp and fsdp.prequantized(path):
+        device_map = {"": "cpu"}  # may not fit one GPU: FSDP moves each rank's shard (stages/common/fsdp.py)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=quant,
@@ -151,6 +153,8 @@ def load_model(path: Path, cfg: PipelineConfig, device: str):
         trust_remote_code=cfg.model.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if cfg.training.fsdp and device == "cuda" and q.load_in_4bit:
+        fsdp.quant_states_to(model, f"cuda:{local_rank}")
     return model
 
 
@@ -201,6 +205,7 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         ddp_find_unused_parameters=False,
         **fsdp_args(cfg),
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a host sync per step; a non-finite loss stops the stage anyway
         dataset_num_proc=None,
         disable_tqdm=False,
     )
@@ -248,7 +253,16 @@ def build_trainer(
     from trl import SFTTrainer
 
     class CheckedSFTTrainer(SFTTrainer):
-        """Stops at the first non-finite loss, before the optimizer step and any later checkpoint."""
+        """Stops at the first non-finite loss, before any later checkpoint (stages/common/losswatch.py);
+        groups rows by length with equal tokens per rank (stages/common/sampler.py)."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if not cfg.training.group_by_length or dataset is None:
+                return super()._get_train_sampler(train_dataset)
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            per_rank = self.args.per_device_train_batch_size
+            return BalancedLengthSampler(lengths, per_rank, max(1, self.args.world_size), cfg.training.seed)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # peft reloads adapter weights in float32, while trl trains QLoRA adapters in bf16: without
@@ -263,13 +277,15 @@ def build_trainer(
 
         def training_step(self, *args, **kwargs):
             loss = super().training_step(*args, **kwargs)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLoss(self.state.global_step + 1, value)
+            self.loss_watch.push(loss, self.state.global_step + 1)
             return loss
 
+        def _save_checkpoint(self, model, trial):
+            self.loss_watch.drain()
+            super()._save_checkpoint(model, trial)
+
     model = load_model(model_path, cfg, device)
-    return CheckedSFTTrainer(
+    trainer = CheckedSFTTrainer(
         model=model,
         args=sft_config(cfg, output_dir, device, bool(eval_rows)),
         train_dataset=Dataset.from_list(train_rows),
@@ -277,6 +293,12 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=peft_config(cfg),
     )
+    trainer.loss_watch = LossWatch()
+    if cfg.training.fused_lora:
+        from stages.common import fused_lora
+
+        fused_lora.apply(trainer.model)
+    return trainer
 
 
 # --- Checkpoints -----------------------------------------------------------------------------
@@ -301,14 +323,23 @@ def _checkpoint_ok(path: Path) -> str | None:
     return None
 
 
-def latest_checkpoint(ckpt_dir: Path, digest: str) -> Path | None:
-    """The newest complete checkpoint of this exact training config; torn ones are skipped."""
+def latest_checkpoint(ckpt_dir: Path, digest: str, manage: bool = True) -> Path | None:
+    """The newest complete checkpoint of this exact training config; torn ones are skipped. Only the
+    process that `manage`s the folder (global rank 0) clears another config's checkpoints and stamps it;
+    the others find None there, as rank 0 will once it has cleared it."""
     stamp = ckpt_dir / CONFIG_STAMP
+    if not manage:
+        stamped = stamp.is_file() and stamp.read_text().strip() == digest
+        return _newest_complete(ckpt_dir) if stamped else None
     if ckpt_dir.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
         console.print("checkpoints belong to another training config; starting afresh")
         shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest + "\n")
+    return _newest_complete(ckpt_dir)
+
+
+def _newest_complete(ckpt_dir: Path) -> Path | None:
     found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for path in found:
         why = _checkpoint_ok(path)
@@ -321,12 +352,17 @@ def latest_checkpoint(ckpt_dir: Path, digest: str) -> Path | None:
 # --- The stage -------------------------------------------------------------------------------
 
 
-def train(ctx: StageContext) -> None:
+def train(ctx: StageContext, argv: list[str]) -> int | None:
     cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
-    if "WORLD_SIZE" not in os.environ and "CUDA_VISIBLE_DEVICES" not in os.environ and cfg.training.gpus == 1:
+    if not launch.inside_launcher():
+        plan = launch.plan(cfg.training)
+        if plan.world_size > 1:
+            return launch.relaunch(plan, "stages.train", argv)  # each rank comes back here, under torchrun
+    if not launch.inside_launcher() and "CUDA_VISIBLE_DEVICES" not in os.environ:
         # One process seeing several GPUs would make Trainer wrap the model in nn.DataParallel,
-        # which 4-bit models do not support; several GPUs go through accelerate (training.gpus).
+        # which 4-bit models do not support; several GPUs go through torchrun (training.gpus).
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    main_rank = launch.is_main()
 
     # Setup: everything that can fail cheaply fails here, before the model is loaded.
     device = pick_device(cfg)
@@ -337,14 +373,15 @@ def train(ctx: StageContext) -> None:
     SPEC.check_memory(cfg, layout, base=resolved.path, device=device)
     ckpt_dir = layout.checkpoints
     data_sha = data_digests(cfg)  # hashed once: the resume check and the manifest both need it
-    resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha))
+    resume = latest_checkpoint(ckpt_dir, training_digest(cfg, data_sha), manage=main_rank)
     console.print(
         f"device: {device}; bitsandbytes 4-bit: {cfg.quantization.load_in_4bit}; "
         f"rows: {len(train_rows)} train, {len(eval_rows)} eval; resume: {resume.name if resume else 'no'}"
     )
 
-    # Run.
-    with stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) as out:
+    # Run. Every rank trains and evaluates; global rank 0 alone writes.
+    output = stage_output(run_dir, names.TRAIN, owned=(names.ADAPTER_DIR,)) if main_rank else nullcontext()
+    with output as out:
         trainer = build_trainer(cfg, resolved.path, tokenizer, train_rows, eval_rows, ckpt_dir, device)
         bnb_backend = None
         if cfg.quantization.load_in_4bit:
@@ -355,14 +392,18 @@ def train(ctx: StageContext) -> None:
                 check_bnb_cuda()
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            trainer.loss_watch.drain()
         except NonFiniteLoss as exc:
             raise StageError(
                 f"training stopped: {exc} (no checkpoint written after it); lower training.learning_rate, "
                 "check the data, or keep quantization.compute_dtype=bfloat16"
             ) from None
         eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+        adapter_state = fsdp.full_adapter_state(trainer.model) if cfg.training.fsdp else None
+        if out is None:
+            return None
         adapter_dir = out.path(layout.adapter)
-        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+        trainer.model.save_pretrained(adapter_dir, state_dict=adapter_state, safe_serialization=True)
         tokenizer.save_pretrained(adapter_dir)
         losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
         out.path(layout.training_log).write_text(json.dumps(trainer.state.log_history, indent=1))
@@ -395,8 +436,9 @@ def train(ctx: StageContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = stage_parser("python -m stages.train", __doc__).parse_args(argv)
-    return run_stage(names.TRAIN, lambda: train(context(args)))
+    return run_stage(names.TRAIN, lambda: train(context(args), argv))
 
 
 if __name__ == "__main__":

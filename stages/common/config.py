@@ -94,10 +94,30 @@ class TrainingConfig(Section):
     save_steps: int = Field(25, gt=0, description="Checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
-    gpus: int = Field(1, gt=0, description="GPUs to train on (DDP through accelerate when > 1).")
+    gpus: int = Field(1, gt=0, description="GPUs (processes) per node; > 1 relaunches the stage under torchrun (DDP).")
     fsdp: bool = Field(
         False,
         description="With gpus > 1: shard the 4-bit base over the GPUs (FSDP, full shard) instead of one copy each.",
+    )
+    fused_lora: bool = Field(
+        False,
+        description="One fused GEMM-epilogue function per 4-bit LoRA layer instead of peft's (needs lora.dropout=0).",
+    )
+    nodes: int = Field(1, gt=0, description="Machines taking part; each runs the stage with its own node_rank.")
+    node_rank: int | None = Field(
+        None,
+        ge=0,
+        description="This machine's index, 0..nodes-1; None: from KILN_NODE_RANK, PET_NODE_RANK or SLURM_NODEID.",
+    )
+    main_address: str | None = Field(
+        None,
+        description="Address of node 0 (the rendezvous); None: from KILN_MAIN_ADDRESS, PET_MASTER_ADDR or MASTER_ADDR.",
+    )
+    main_port: int | None = Field(
+        None,
+        gt=0,
+        lt=65536,
+        description="Rendezvous port on node 0; None: KILN_MAIN_PORT, PET_MASTER_PORT, MASTER_PORT or 29500.",
     )
 
 
@@ -221,8 +241,16 @@ class PipelineConfig(Section):
             )
         if t.gpus > 1 and t.device == "cpu":
             raise ValueError("training.gpus > 1 needs training.device cuda or auto, not cpu")
-        if t.fsdp and t.gpus < 2:
+        if t.fsdp and t.gpus * t.nodes < 2:
             raise ValueError("training.fsdp shards the model over several GPUs: set training.gpus to 2 or more")
+        if t.node_rank is not None and t.node_rank >= t.nodes:
+            raise ValueError(f"training.node_rank {t.node_rank} is not below training.nodes {t.nodes}")
+        if t.fused_lora and (not q.load_in_4bit or self.lora.dropout > 0):
+            raise ValueError(
+                "training.fused_lora fuses a 4-bit base with a LoRA adapter without dropout; "
+                f"it needs quantization.load_in_4bit=true and lora.dropout=0 (found {q.load_in_4bit}, "
+                f"{self.lora.dropout})"
+            )
         if t.fsdp and "8bit" in t.optim:
             raise ValueError(
                 f"training.fsdp with training.optim={t.optim} fails at the first step (bitsandbytes' 8-bit update "

@@ -11,11 +11,14 @@ PROFILES: dict[str, list[str]] = {
     # <= 22 GiB allocated. LoRA dropout 0 lets peft skip the dropout module and its saved copy of every
     # adapted layer's input (1.6 GiB at batch 32), which makes room for batch 40; the loss curve on a
     # real model stays within 0.07% of dropout 0.1's (benchmarks/loss_curve.py, results/loss-curve-*).
+    # training.fused_lora (stages/common/fused_lora.py): +4.3% on the same batches, per-step loss within
+    # 1.0e-4 relative of peft's path (results/train-throughput-24gb-fused-1gpu-new-20261130T065526Z.json).
     "24gb": [
         "training.batch_size=40",
         "training.gradient_checkpointing=true",
         "training.liger_kernel=true",
         "lora.dropout=0.0",
+        "training.fused_lora=true",
     ],
     # <= 10 GiB allocated, the recipe's own dropout.
     "12gb": ["training.batch_size=8", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
