@@ -1,6 +1,6 @@
 """The merge stage against peft, on tiny models built here and adapters made with peft itself.
 
-Bound asserted (stated in stages/merge.py): every merged tensor is bit-identical to peft's
+Bound asserted (stated in docs/merge.md): every merged tensor is bit-identical to peft's
 ``PeftModel.from_pretrained(base loaded in D).merge_and_unload()`` for D in float16 and bfloat16
 (0 ulp), for plain LoRA, rsLoRA, rank/alpha patterns, modules_to_save, LoRA on embeddings,
 fan_in_fan_out and DoRA. Tied embeddings are the one deliberate difference: when the adapter
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from stages import merge
-from stages.common import names
+from stages.common import merge_checks, merge_plan, merge_write, names
 from stages.common.artifacts import read_manifest
 from stages.common.layout import RunLayout
 
@@ -260,7 +260,7 @@ def test_verify_full_logits(dtype, models, adapter_for, tmp_path):
     )
     v = json.loads(metrics.read_text())["verify"]
     assert v["mode"] == "full" and v["passed"]
-    assert v["max_rel_logit_diff"] <= merge.LOGIT_TOL[dtype]
+    assert v["max_rel_logit_diff"] <= merge_checks.LOGIT_TOL[dtype]
     assert v["top1_agreement"] >= 0.95
 
 
@@ -307,12 +307,12 @@ def test_verify_layers_within_rounding_bound(model, variant, lora, dtype, models
 def test_verify_catches_a_wrong_merge(mode, models, adapter_for, tmp_path, monkeypatch, capsys):
     """A merge that is off by 1% of the delta must fail verification and publish nothing."""
     adapter = adapter_for("mistral", "lora", **VARIANTS["lora"])
-    real = merge.merge_linear
+    real = merge_plan.merge_linear
 
     def off(weight, a, b, scaling, fan_in_fan_out, magnitude=None):
         return real(weight, a, b, scaling * 1.01, fan_in_fan_out, magnitude)
 
-    monkeypatch.setattr(merge, "merge_linear", off)
+    monkeypatch.setattr(merge_plan, "merge_linear", off)
     out = tmp_path / "out"
     assert run_merge(models["mistral"], adapter, out, "--verify", mode) == 2
     assert "--verify failed" in " ".join(capsys.readouterr().err.split())
@@ -391,7 +391,7 @@ def test_compare_onto_reports_logit_difference(models, adapter_for, tmp_path):
 
 def test_compare_onto_layers_mode(models, adapter_for, tmp_path, monkeypatch):
     """Beyond the whole-model size the comparison is per layer; force that path on the tiny model."""
-    monkeypatch.setattr(merge, "FULL_CHECK_MAX_BYTES", 0)
+    monkeypatch.setattr(merge_checks, "FULL_CHECK_MAX_BYTES", 0)
     adapter = adapter_for("mistral", "lora", **VARIANTS["lora"])
     metrics = tmp_path / "m.json"
     args = ("--onto", "dequantized", "--compare-onto", "--verify", "--metrics-json", str(metrics))
@@ -525,7 +525,7 @@ def test_not_enough_disk(models, adapter_for, tmp_path, capsys, monkeypatch):
 
 
 def test_crash_mid_write_leaves_nothing(models, adapter_for, tmp_path, monkeypatch):
-    real, calls = merge.build_tensor, []
+    real, calls = merge_write.build_tensor, []
 
     def flaky(plan, key, onto=None):
         calls.append(key)
@@ -533,7 +533,7 @@ def test_crash_mid_write_leaves_nothing(models, adapter_for, tmp_path, monkeypat
             raise MemoryError("simulated")
         return real(plan, key, onto)
 
-    monkeypatch.setattr(merge, "build_tensor", flaky)
+    monkeypatch.setattr(merge_write, "build_tensor", flaky)
     out = tmp_path / "out"
     with pytest.raises(MemoryError):
         run_merge(models["mistral"], adapter_for("mistral", "lora", **VARIANTS["lora"]), out)

@@ -255,6 +255,25 @@ def stage_output(run_dir: Path, stage: str, owned: tuple[str, ...] = ()) -> Iter
         shutil.rmtree(out.staging, ignore_errors=True)
 
 
+@contextmanager
+def new_folder(final: Path) -> Iterator[Path]:
+    """A folder written beside `final` (``.tmp-<name>-<pid>``) that becomes `final` in one rename when
+    the block succeeds, its files fsynced first; on any failure it is deleted. `final` must not exist."""
+    if final.exists():
+        raise StageError(f"output folder {final} exists; remove it or choose another folder")
+    staging = final.parent / f"{names.TMP_PREFIX}{final.name}-{os.getpid()}"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        for p in staging.rglob("*"):
+            if p.is_file():
+                _fsync_path(p)
+        staging.rename(final)
+        _fsync_path(final.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def check_free_disk(path: Path, needed_bytes: int, what: str) -> None:
     """Refuse to start when the filesystem holding `path` has less than `needed_bytes` free."""
     probe = path

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
+
+from pydantic import BaseModel
 
 from stages.common.config import PipelineConfig, load_config
 from stages.common.errors import StageError
@@ -25,6 +28,23 @@ def stage_parser(prog: str, doc: str) -> argparse.ArgumentParser:
         help="override one config value, e.g. training.learning_rate=1e-4 (repeatable)",
     )
     return parser
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str, model: type[BaseModel], *fields: str) -> None:
+    """One flag per field of a config section (quantization.quant_type: --quant-type), its choices,
+    default and help taken from the field, for stages that also run without a pipeline YAML."""
+    for name in fields:
+        info = model.model_fields[name]
+        flag, helptext = f"--{name.replace('_', '-')}", f"{info.description} (YAML: {section}.{name})"
+        if info.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=info.default, help=helptext)
+        else:
+            parser.add_argument(flag, choices=get_args(info.annotation) or None, default=info.default, help=helptext)
+
+
+def section_from_flags(args: argparse.Namespace, model: type[BaseModel], *fields: str):
+    """The config section built from the flags add_section_flags made (the other fields at their defaults)."""
+    return model(**{name: getattr(args, name) for name in fields})
 
 
 @dataclass(frozen=True)
