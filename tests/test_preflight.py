@@ -47,12 +47,16 @@ def test_estimates_read_the_checkpoint_headers(tiny_mistral):
 
 
 def test_merge_estimate_bounds_the_measured_peak(tiny_run_for_preflight):
-    """The merge stage records the RSS it started from and its peak while writing; the estimate,
-    with that measured start in place of its interpreter allowance, must not be below the peak."""
+    """The estimate against the merge stage's own measurements, from its run: its tensor term covers
+    the bound the stage's write is held to (4 × largest tensor + adapter; tests/test_merge.py checks
+    the write's growth against it on a model where tensors dominate), and the whole estimate covers
+    the peak. On this tiny model the write's growth is fixed costs (library pages, the writer
+    thread: ~4 MiB against a 0.3 MB tensor term), which only the interpreter allowance covers."""
     run_dir, base = tiny_run_for_preflight
     m = read_manifest(run_dir, names.MERGE)["metrics"]
-    ours = preflight.merge_peak(base, RunLayout(run_dir, "p").adapter) - preflight.INTERPRETER
-    assert ours + m["rss_start_gib"] * 2**30 >= m["write_peak_rss_gib"] * 2**30
+    estimate = preflight.merge_peak(base, RunLayout(run_dir, "p").adapter)
+    assert estimate - preflight.INTERPRETER >= 4 * m["largest_tensor_bytes"] + m["adapter_bytes"]
+    assert estimate >= m["write_peak_rss_gib"] * 2**30, (estimate, m["rss_start_gib"], m["write_peak_rss_gib"])
 
 
 @pytest.mark.parametrize(
