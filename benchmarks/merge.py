@@ -348,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["reference"] = {
                 "skipped": (
-                    f"needs ~{need / 2**30:.1f} GiB (the fp16 model twice plus the runtime; 27.8 GiB measured for "
-                    f"Mistral-7B in ../shared/BUILD-HOSTS.md), {avail / 2**30:.1f} GiB available"
+                    f"needs ~{need / 2**30:.1f} GiB (the fp16 model twice plus the runtime), "
+                    f"{avail / 2**30:.1f} GiB available"
                     if args.reference == "auto"
                     else "--reference no"
                 )

@@ -51,7 +51,8 @@ from stages.common.profiles import PROFILES as USER_PROFILES  # noqa: E402
 GFLOP_PER_TOKEN = 30.6  # Mistral-7B shapes, reference LoRA (module docstring)
 PEAK_TFLOPS = 989.0
 LENGTH_MEDIAN, LENGTH_MEAN, LENGTH_MAX, LENGTH_MIN = 380, 444, 1024, 16
-REFERENCE_MEASURED = {"reference": 3250, "12gb": 2738, "24gb": 7599}  # plain-loop figures, BUILD-HOSTS.md
+# Non-pad tokens/s a plain PyTorch loop reached with these settings on one GPU; copied into each result.
+REFERENCE_MEASURED = {"reference": 3250, "12gb": 2738, "24gb": 7599}
 
 # Overrides on configs/mistral-7b-guanaco.yaml. The reference is the recipe as published; the
 # profiles are the project's (stages/common/profiles.py); candidates are measured against them.
@@ -61,7 +62,7 @@ PROFILES: dict[str, list[str]] = {
     # The 24gb profile without and with training.fused_lora (which it now includes).
     "24gb-peft": [o for o in USER_PROFILES["24gb"] if o != "training.fused_lora=true"],
     "24gb-fused": [*USER_PROFILES["24gb"]],
-    # The 24gb profile before LoRA dropout 0 made room for batch 40.
+    # Earlier or rejected candidates, kept so that the comparison can be rerun.
     "24gb-b32": ["training.batch_size=32", "training.gradient_checkpointing=true", "training.liger_kernel=true"],
     "24gb-offload": ["training.batch_size=32", "training.activation_offloading=true", "training.liger_kernel=true"],
     # FSDP over the GPUs, for bases larger than one GPU: batch 1 at the recipe's LoRA, checkpointing.

@@ -51,11 +51,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_NUMBER=0",
 )
 STAMP = ".kiln-built"
-# One source patch, applied after extraction (str.replace, checked). llama.cpp's logger writes from a
-# worker thread and is never flushed at exit (common/log.cpp leaks it on purpose, upstream issue
-# 22142), so a tool's last lines can be lost: seen as llama-perplexity without its final statistics
-# (tiny models, where the tail is a large part of the output) and llama-completion without the end of
-# its answer. The patch drains the queue at exit on every platform but Windows (the reason for the leak).
+# One source patch, applied after extraction (str.replace, checked): llama.cpp's logger thread is never
+# flushed at exit (common/log.cpp leaks it on purpose, upstream issue 22142), so a tool's last lines
+# could be lost; the patch drains the queue at exit on every platform but Windows (the leak's reason).
 PATCH_ID = "log-drain-at-exit"
 _LOG_ANCHOR = (  # in common_log_main(), where the singleton is made
     "        log = new common_log;\n"

@@ -1,28 +1,8 @@
 """Memory preflight: before heavy work, each stage checks that the host has the RAM its peak needs
 and stops with the numbers when it does not, instead of being killed by the kernel halfway.
 
-The estimates are upper bounds derived from how each stage works, checked against measurements:
-
-- merge streams tensor by tensor: a base tensor, its float32 working copy and the merged output,
-  plus the whole adapter and the interpreter with torch. 4 × the largest tensor + the adapter +
-  768 MiB (7B shapes, r=64: 1.85 GiB estimated, 1.32 GiB measured by benchmarks/merge.py; the demo:
-  0.97 GiB estimated, 0.45 GiB measured). The interpreter with torch alone varies: the tiny test
-  model's merge peaked at 0.45 GiB in one run and 0.63 GiB in another, over a 512 MiB allowance.
-- convert (llama.cpp's converter) reads lazily and writes tensor by tensor, in float32 at worst:
-  4 × the largest tensor + 768 MiB (Python, torch, the vocab). Demo: 0.96 estimated, 0.42 measured.
-- quantize (llama-quantize) converts one tensor at a time to float32 and quantizes it: 8 bytes per
-  element of the largest tensor + 256 MiB. Demo: 0.46 GiB estimated, 0.21 GiB measured.
-- train on the CPU holds the 16-bit checkpoint while bitsandbytes quantizes it (1.5 × its size),
-  and the activations of a full batch at max_seq_length kept for the backward pass: per layer
-  s·b·h·(34 + 5·a·s/h) bytes in 16 bits (Korthikanti et al. 2022, eq. 1; twice that in float32),
-  plus the logits, 12 bytes per batch × sequence × vocab entry (16-bit, the loss's float32 copy,
-  its gradient); + 1 GiB. The demo (SmolLM2-135M, batch 8, 256 tokens): 4.3 GiB estimated, 2.8 GiB
-  measured (3 steps and the evaluation; its rows are ~100 tokens). The previous bound, without
-  activations, was 1.4 GiB. On a GPU the host holds one shard at a time: the largest
-  shard + 1 GiB.
-- report loads the merged model in transformers (bfloat16 at least, float32 when that fits):
-  1.2 × its 16-bit size + 512 MiB.
-
+Each estimate is an upper bound derived from how the stage works (each function says how);
+docs/memory.md sets them against measured peaks, with the commands that measure them.
 Set KILN_SKIP_MEMORY_CHECK=1 to run anyway (swap, or a host whose available figure is wrong).
 """
 
@@ -39,7 +19,7 @@ from stages.common.safetensors_io import read_header
 
 MiB, GiB = 1 << 20, 1 << 30
 ENV_SKIP = "KILN_SKIP_MEMORY_CHECK"
-INTERPRETER = 768 * MiB  # Python with torch and transformers imported (0.45-0.63 GiB measured)
+INTERPRETER = 768 * MiB  # Python with torch and transformers imported (docs/memory.md)
 
 
 def process_memory() -> dict[str, int]:
@@ -60,9 +40,8 @@ def process_memory() -> dict[str, int]:
 
 def release_freed_tensors() -> None:
     """Make glibc return every freed block of 1 MiB or more to the OS at once. Its default mmap
-    threshold grows with the blocks freed, so freed multi-MB tensors stay in the heap and a
-    streaming stage's RSS follows fragmentation, not its live tensors (merge of 0.27B: +62 MB
-    with this, +112 to +130 MB without, from run to run)."""
+    threshold grows with the blocks freed, so freed multi-MB tensors would stay in the heap and a
+    streaming stage's RSS would follow fragmentation, not its live tensors (docs/memory.md)."""
     import ctypes
     import ctypes.util
 
@@ -110,26 +89,34 @@ def checkpoint_bytes(folder: Path) -> int:
 
 
 def merge_peak(base: Path, adapter: Path) -> int:
+    """Streaming, tensor by tensor: a base tensor, its float32 working copy and the merged output
+    (4 × the largest tensor), plus the whole adapter and the interpreter."""
     return 4 * largest_tensor_bytes(base) + checkpoint_bytes(adapter) + INTERPRETER
 
 
 def convert_peak(merged: Path) -> int:
+    """llama.cpp's converter reads lazily and writes tensor by tensor, in float32 at worst."""
     return 4 * largest_tensor_bytes(merged) + INTERPRETER
 
 
 def quantize_peak(largest_tensor_elements: int) -> int:
+    """llama-quantize converts one tensor at a time to float32 (4 bytes an element) and quantizes it."""
     return 8 * largest_tensor_elements + 256 * MiB
 
 
 def activation_bytes(config: dict, batch: int, seq: int, bytes_per_value: int) -> int:
-    """What one training step on a batch of `seq` tokens keeps for backward, without recomputation."""
+    """What one training step on a batch of `seq` tokens keeps for backward, without recomputation:
+    per layer s·b·h·(34 + 5·a·s/h) bytes in 16 bits (Korthikanti et al. 2022, eq. 1), plus the
+    logits, 12 bytes per token and vocab entry (16-bit, the loss's float32 copy, its gradient)."""
     h, a, layers = config["hidden_size"], config["num_attention_heads"], config["num_hidden_layers"]
     per_layer = seq * batch * h * (34 + 5 * a * seq / h) * bytes_per_value / 2
     return int(layers * per_layer) + 12 * batch * seq * config["vocab_size"]
 
 
 def train_peak(base: Path, device: str, batch: int, seq: int, half: bool) -> int:
-    """Host RAM of the train stage; `half`: activations in 16 bits (bf16 or fp16 training)."""
+    """Host RAM of the train stage; `half`: activations in 16 bits (bf16 or fp16 training). On the CPU:
+    the 16-bit checkpoint while bitsandbytes quantizes it (1.5 × its size) and a full batch's
+    activations; on a GPU the host holds one shard at a time."""
     if device == "cpu":
         config = json.loads((base / "config.json").read_text())
         acts = activation_bytes(config, batch, seq, 2 if half else 4)
@@ -138,6 +125,7 @@ def train_peak(base: Path, device: str, batch: int, seq: int, half: bool) -> int
 
 
 def report_peak(merged: Path) -> int:
+    """transformers loads the merged model (bfloat16 at least, float32 when that fits)."""
     return int(1.2 * checkpoint_bytes(merged)) + 512 * MiB
 
 
