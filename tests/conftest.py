@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
 import pytest
 from tiny_models import build_tiny_mistral
 
 from stages.common import llamacpp
+from stages.common.runtime import Runtime
 
 
 @pytest.fixture(scope="session")
@@ -121,3 +123,27 @@ def run_stage(stage: str, run_dir: Path):
     import subprocess
 
     return subprocess.run(stage_cmd(stage, run_dir), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+
+
+class StandInRuntime(Runtime):
+    """Runs `script` (python -c SCRIPT STAGE ARGS...) in place of each stage and records which stages
+    it started: the build graph's logic without the real stages."""
+
+    name = "standin-test"
+
+    def __init__(self, script: str):
+        self.script = script
+        self.ran: list[str] = []
+
+    def available(self) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "stand-in stages"
+
+    def identity(self, spec) -> str:
+        return "v1"
+
+    def command(self, spec, args: list[str]) -> list[str]:
+        self.ran.append(spec.name)
+        return [sys.executable, "-c", self.script, spec.name, *args]

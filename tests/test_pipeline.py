@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import StandInRuntime
 
 from stages.common import names, specs
 from stages.common import pipeline as graph
 from stages.common.config import validate_config
 from stages.common.layout import RunLayout
-from stages.common.runtime import Runtime
 
 STANDIN = """
 import sys, yaml
@@ -29,26 +29,6 @@ with stage_output(run_dir, stage) as out:
     out.path(f"{stage}/out.txt").write_text(repr(section) if stage != "merge" else "merged-constant")
     out.commit(inputs={})
 """
-
-
-class StandInRuntime(Runtime):
-    name = "standin-test"
-
-    def __init__(self):
-        self.ran: list[str] = []
-
-    def available(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "stand-in stages"
-
-    def identity(self, spec) -> str:
-        return "v1"
-
-    def command(self, spec, args: list[str]) -> list[str]:
-        self.ran.append(spec.name)
-        return [sys.executable, "-c", STANDIN, spec.name, *args]
 
 
 def make_cfg(**training):
@@ -69,7 +49,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 
 def run(cfg, run_dir, **kw):
-    rt = StandInRuntime()
+    rt = StandInRuntime(STANDIN)
     results = graph.run_pipeline(cfg, run_dir, rt, announce=lambda _: None, **kw)
     return rt.ran, results
 
@@ -125,18 +105,18 @@ def test_force_one_stage(run_dir):
 def test_status_says_why_a_stage_is_stale(run_dir):
     run(make_cfg(), run_dir)
     cfg = make_cfg(learning_rate=1e-4)
-    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in specs.enabled(cfg)}
+    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime(STANDIN)) for s in specs.enabled(cfg)}
     assert states["train"].state == "stale" and "config" in states["train"].why
     assert states["merge"].state == "up to date"
     (run_dir / "quantize/out.txt").write_text("torn")
-    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime()) for s in specs.enabled(cfg)}
+    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime(STANDIN)) for s in specs.enabled(cfg)}
     assert states["quantize"].state == "stale" and "wrong size" in states["quantize"].why
 
 
 def test_failed_stage_stops_the_pipeline_and_is_reported(run_dir):
     cfg = make_cfg()
     cfg.smoke.max_tokens = 5
-    rt = StandInRuntime()
+    rt = StandInRuntime(STANDIN)
     rt.command = lambda spec, args: [sys.executable, "-c", "raise SystemExit(3)"]  # type: ignore[method-assign]
     results = graph.run_pipeline(cfg, run_dir, rt, announce=lambda _: None)
     assert [(r.stage, r.status) for r in results] == [("train", "failed")]

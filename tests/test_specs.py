@@ -12,16 +12,15 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import StandInRuntime
 
 from stages.common import keys, names, specs
 from stages.common import pipeline as graph
 from stages.common.config import validate_config
-from stages.common.runtime import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,22 +104,6 @@ with stage_output(run_dir, stage) as out:
 """
 
 
-class StandIn(Runtime):
-    name = "standin-inputs"
-
-    def available(self) -> bool:
-        return True
-
-    def describe(self) -> str:
-        return "stand-in stages"
-
-    def identity(self, spec) -> str:
-        return "v1"
-
-    def command(self, spec, args: list[str]) -> list[str]:
-        return [sys.executable, "-c", STANDIN, spec.name, *args]
-
-
 @pytest.fixture
 def local_model_run(tmp_path, monkeypatch):
     monkeypatch.setenv(names.ENV_CACHE, str(tmp_path / "cache"))
@@ -140,12 +123,12 @@ def local_model_run(tmp_path, monkeypatch):
         }
     )
     run_dir = tmp_path / "runs" / "t"
-    graph.run_pipeline(cfg, run_dir, StandIn(), announce=lambda _: None)
+    graph.run_pipeline(cfg, run_dir, StandInRuntime(STANDIN), announce=lambda _: None)
     return cfg, run_dir, model, data
 
 
 def _stale(cfg, run_dir) -> dict[str, str]:
-    states = {s.name: graph.stage_state(s, cfg, run_dir, StandIn()) for s in specs.enabled(cfg)}
+    states = {s.name: graph.stage_state(s, cfg, run_dir, StandInRuntime(STANDIN)) for s in specs.enabled(cfg)}
     return {name: st.why for name, st in states.items() if st.state != "up to date"}
 
 
