@@ -110,7 +110,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec(
         names.MERGE,
         MERGE_IMAGE,
-        ("model", "merge"),
+        ("model", "merge", "quantization"),  # onto=dequantized replays the training quantization
         (names.TRAIN,),
         inputs=_model,
         memory=preflight.merge_memory,
