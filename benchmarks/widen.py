@@ -66,6 +66,7 @@ if str(ROOT) not in sys.path:
 from stages.common.artifacts import check_free_disk, sha256_file  # noqa: E402
 from stages.common.errors import StageError  # noqa: E402
 from stages.common.lora_math import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, scaling_for  # noqa: E402
+from stages.common.merge_write import TOKENIZER_FILES  # noqa: E402
 from stages.common.safetensors_io import (  # noqa: E402
     BY_TORCH_NAME,
     CheckpointReader,
@@ -75,7 +76,6 @@ from stages.common.safetensors_io import (  # noqa: E402
     shard_names,
     write_index,
 )
-from stages.merge import TOKENIZER_FILES  # noqa: E402
 
 CONSTRUCTION = "zero-padding v1"  # bump when the bytes a given input produces change
 PROVENANCE = "widened.json"
