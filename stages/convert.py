@@ -1,19 +1,19 @@
-"""Convert stage: the merged HF checkpoint to one GGUF with the pinned llama.cpp converter.
+"""Convert stage: the merged HF checkpoint to one GGUF with the pinned llama.cpp converter, checked.
 
     python -m stages.convert --config runs/demo/config.yaml                          # local
     docker compose run --rm gguf python -m stages.convert --config runs/demo/config.yaml
 
-Reads runs/<run>/merged/ (checked against the merge manifest), runs llama.cpp's
-convert_hf_to_gguf.py with the gguf-py of the same tree, and writes
-runs/<run>/gguf/<run_name>.<outtype>.gguf (gguf.outtype, f16 by default). Every quantized type
-is made from this one file by the quantize stage. The GGUF's general.* fields name the run and
-its base model; its EOS token is checked against the merged model's before the file is kept.
-
-Chat-template parity (stages/common/chat_template.py) is checked on the f16 file: for a fixed
-set of conversations (built-in ones, smoke.messages, the first held-out prompts), llama.cpp's
-tokens must equal HF's apply_chat_template tokens, with one BOS; the result goes to
-gguf/chat_parity.json. With gguf.lora_adapter (default on), the adapter is also written as
-gguf/<run_name>.lora.f16.gguf with convert_lora_to_gguf.py, for `llama-cli -m base.gguf --lora`.
+Writes gguf/<run_name>.<outtype>.gguf (gguf.outtype, f16 by default), from which quantize makes
+every type. Before the file is kept:
+- its EOS is the merged model's, and its chat template tokenizes a fixed set of conversations
+  (built-in ones, smoke.messages, the first held-out prompts) exactly as HF's does
+  (gguf/chat_parity.json);
+- with report.enabled, its held-out perplexity (llama-perplexity) is within
+  report.max_conversion_ppl_delta of the merged HF model's on the same chunks, and their next
+  token agrees at report.min_conversion_top1 of the positions (the HF model runs one layer at a
+  time in float32, so a 7B model needs a few GB). Its distributions stay in
+  gguf/<run_name>.<outtype>.logits for the report.
+With gguf.lora_adapter, the adapter is also written as gguf/<run_name>.lora.f16.gguf.
 """
 
 from __future__ import annotations
@@ -22,19 +22,22 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any
 
 from stages.common import llamacpp, names, specs
-from stages.common.artifacts import check_free_disk, dir_size, stage_output, verify_manifest
+from stages.common.artifacts import check_free_disk, dir_size, stage_output, verify_manifest, write_json_atomic
 from stages.common.chat_template import check_parity
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
 from stages.common.data import train_and_held_out, with_system
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
+from stages.common.layout import RunLayout
 from stages.common.model import resolve
+from stages.common.perplexity import PERPLEXITY_TOOL, held_out_chunks, hf_reference, perplexity_base
 
 SPEC = specs.spec(names.CONVERT)
 
@@ -182,6 +185,8 @@ def convert(ctx: StageContext) -> None:
         llamacpp.script(LORA_CONVERTER)
     merged = layout.merged
     llamacpp.script(CONVERTER)
+    if cfg.report.enabled:
+        llamacpp.tool(PERPLEXITY_TOOL)
     check_free_disk(run_dir, int(dir_size(merged) * SIZE_FACTOR[cfg.gguf.outtype]), "the GGUF conversion")
     SPEC.check_memory(cfg, layout)
     name = layout.gguf(cfg.gguf.outtype).name
@@ -200,7 +205,7 @@ def convert(ctx: StageContext) -> None:
         )
         parity = {"checked": False, "why": "no chat template in the merged model"}
         if info.get("tokenizer.chat_template"):
-            with GGUFModel(target, n_ctx=2048) as model:
+            with GGUFModel(target, n_ctx=2048, vocab_only=True) as model:
                 parity = {"checked": True, **check_parity(merged, model, parity_conversations(cfg))}
             console.print(f"chat template parity: {len(parity['conversations'])} conversations, HF == llama.cpp tokens")
         out.path(layout.chat_parity).write_text(json.dumps(parity, indent=1) + "\n")
@@ -209,6 +214,9 @@ def convert(ctx: StageContext) -> None:
             lora = out.path(layout.lora_gguf)
             convert_lora(layout.adapter, resolve(cfg.model).path, lora)
             console.print(f"{lora.name}: {lora.stat().st_size / 2**20:.1f} MiB (apply with --lora to the base GGUF)")
+        conversion = None
+        if cfg.report.enabled:
+            conversion = conversion_check(cfg, layout, target, out.path(layout.gguf_logits(cfg.gguf.outtype)))
 
         # Cleanup: record exactly which llama.cpp made the file, and what is in it.
         out.commit(
@@ -217,10 +225,54 @@ def convert(ctx: StageContext) -> None:
                 "outtype": cfg.gguf.outtype,
                 "chat_parity": len(parity.get("conversations", [])),
                 "lora_gguf": lora.name if lora else None,
+                **({"conversion_ppl_delta": round(conversion["relative_delta"], 5)} if conversion else {}),
+                **({"conversion_top1": round(conversion["top1_agreement"], 5)} if conversion else {}),
+                "conversion": conversion,
                 **info.summary(),
             },
             extra={names.M_LLAMA_CPP: llamacpp.info()},
         )
+
+
+def conversion_check(cfg: PipelineConfig, layout: RunLayout, f16: Path, logits: Path) -> dict[str, Any]:
+    """The f16 GGUF against the merged HF model on the held-out chunks: perplexity and top-1 next
+    token, each gated (report.max_conversion_ppl_delta, report.min_conversion_top1). The f16 file's
+    distributions stay in `logits` for the report's KL runs."""
+    with tempfile.TemporaryDirectory(prefix=f"{names.TMP_PREFIX}{names.CONVERT}-text-", dir=layout.root) as work:
+        text, chunks = held_out_chunks(cfg, f16, Path(work))
+        with console.status(f"llama-perplexity on {f16.name}"):
+            gguf_ppl = perplexity_base(f16, text, logits, cfg.report.ctx, len(chunks))
+    with console.status("the merged HF model on the same tokens, one layer at a time"):
+        hf = hf_reference(layout.merged, chunks, logits)
+    result = {
+        "gguf_perplexity": gguf_ppl,
+        **hf,
+        "relative_delta": gguf_ppl / hf["hf_perplexity"] - 1,
+        "max_delta": cfg.report.max_conversion_ppl_delta,
+        "min_top1": cfg.report.min_conversion_top1,
+        "chunks": len(chunks),
+        "ctx": cfg.report.ctx,
+    }
+    console.print(
+        f"conversion: HF perplexity {hf['hf_perplexity']:.4f}, {f16.name} {gguf_ppl:.4f} "
+        f"({result['relative_delta']:+.3%}); top-1 agreement {hf['top1_agreement']:.2%} of {hf['positions']} positions"
+    )
+    failures = []
+    if abs(result["relative_delta"]) > cfg.report.max_conversion_ppl_delta:
+        failures.append(
+            f"{f16.name} perplexity {gguf_ppl:.4f} vs merged HF {hf['hf_perplexity']:.4f} differs by "
+            f"{result['relative_delta']:+.2%} > report.max_conversion_ppl_delta={cfg.report.max_conversion_ppl_delta}"
+        )
+    if hf["top1_agreement"] < cfg.report.min_conversion_top1:
+        failures.append(
+            f"{f16.name} and the merged HF model agree on the next token at {hf['top1_agreement']:.2%} of "
+            f"{hf['positions']} positions < report.min_conversion_top1={cfg.report.min_conversion_top1}"
+        )
+    if failures:
+        kept = layout.failed_report(names.CONVERT)
+        write_json_atomic(kept, result)
+        raise StageError(f"conversion check: {'; '.join(failures)} (measurements in {kept})")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

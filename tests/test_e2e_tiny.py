@@ -222,10 +222,11 @@ def test_report_measures_every_type(tiny_run):
     assert rows["Q8_0"]["top1_agreement"] >= 0.95
     assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
     assert all(r["prompt_tokens_per_s"] > 0 and r["gen_tokens_per_s"] > 0 for r in rows.values())
-    # The conversion check: the merged HF model's perplexity on the same tokens and chunks.
+    # convert's check: the merged HF model on the same tokens and chunks, one layer at a time.
     conv = report["conversion"]
-    assert conv["hf_dtype"] == "float32"
-    assert abs(conv["relative_delta"]) <= 0.005, conv
+    assert conv == read_manifest(run_dir, names.CONVERT)[names.M_METRICS]["conversion"]
+    assert conv["hf_dtype"] == "float32" and conv["positions"] == conv["chunks"] * (64 - 1 - 32)
+    assert abs(conv["relative_delta"]) <= 0.005 and conv["top1_agreement"] >= 0.99, conv
     assert report["text"]["chunks"] >= 2
     assert tiny(run_dir).report_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = tiny(run_dir).report_md.read_text()
@@ -262,6 +263,23 @@ def test_quality_gate_fails_with_the_numbers_and_keeps_the_report(tiny_run, tmp_
     assert "quality gate: Q4_K_M mean KL vs f16 is" in err and "report.max_kl.Q4_K_M=1e-09" in err
     assert tiny(copy).report_json.read_bytes() == before  # the last good report
     assert json.loads(tiny(copy).failed_report(names.REPORT).read_text())["types"]
+    assert not list(copy.glob(f"{names.TMP_PREFIX}*"))
+
+
+def test_conversion_gate_fails_convert_with_the_numbers(tiny_run, tmp_path):
+    """An f16 file that misses the conversion gate is not published: convert exits 2 with the figures."""
+
+    def strict(tree):
+        tree["report"]["max_conversion_ppl_delta"] = 0.0
+
+    copy = copy_run(tiny_run[1], tmp_path / "runs" / "tiny", strict)
+    before = read_manifest(copy, names.CONVERT)
+    proc = run_stage(names.CONVERT, copy)
+    assert proc.returncode == 2
+    err = " ".join(proc.stderr.split())
+    assert "conversion check: tiny.f16.gguf perplexity" in err and "report.max_conversion_ppl_delta=0.0" in err
+    assert read_manifest(copy, names.CONVERT) == before  # the previous f16 file and manifest stay
+    assert json.loads(tiny(copy).failed_report(names.CONVERT).read_text())["hf_perplexity"] > 0
     assert not list(copy.glob(f"{names.TMP_PREFIX}*"))
 
 

@@ -55,8 +55,10 @@ def make_run(root: Path, checkpoint: Path, run_name: str, **sections) -> tuple[P
         "model": {"name_or_path": str(checkpoint)},
         "data": {"train_files": [str(root / "unused.jsonl")]},
         **sections,
-        # No adapter here (the checkpoint stands for the merge output): no LoRA GGUF.
+        # No adapter here (the checkpoint stands for the merge output): no LoRA GGUF; no held-out
+        # rows, so no conversion check (tests/test_e2e_tiny.py runs it).
         "gguf": {"lora_adapter": False, **sections.get("gguf", {})},
+        "report": {"enabled": False, **sections.get("report", {})},
     }
     cfg_path = root / f"{run_name}.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))

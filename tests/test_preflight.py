@@ -30,10 +30,12 @@ def test_shortfall_names_the_numbers_and_the_way_out(monkeypatch):
 def test_estimates_read_the_checkpoint_headers(tiny_mistral):
     from safetensors.torch import load_file
 
-    tensors = [t for f in sorted(tiny_mistral.glob("*.safetensors")) for t in load_file(f).values()]
-    largest = max(t.numel() * t.element_size() for t in tensors)
+    named = {k: t for f in sorted(tiny_mistral.glob("*.safetensors")) for k, t in load_file(f).items()}
+    largest = max(t.numel() * t.element_size() for t in named.values())
     assert preflight.largest_tensor_bytes(tiny_mistral) == largest
-    assert preflight.convert_peak(tiny_mistral) == 4 * largest + (768 << 20)
+    layer = sum(t.numel() * t.element_size() for k, t in named.items() if k.startswith("model.layers.1."))
+    assert preflight.largest_layer_bytes(tiny_mistral) == layer
+    assert preflight.convert_peak(tiny_mistral) == 4 * layer + 4 * largest + (768 << 20)
     size = sum(f.stat().st_size for f in tiny_mistral.glob("*.safetensors"))
     # hidden 64, 4 heads, 2 layers, vocab 320; batch 4 of 64 tokens in 16 bits: per layer
     # 64*4*64*(34 + 5*4*64/64) = 884,736 bytes; logits 12*4*64*320 = 983,040.

@@ -165,7 +165,16 @@ class ReportConfig(Section):
         description="Quality gate: mean KL divergence vs f16 per quant type; above it the pipeline fails.",
     )
     max_conversion_ppl_delta: float = Field(
-        0.005, ge=0, description="Quality gate: |f16 GGUF perplexity / HF perplexity - 1| on the same tokens."
+        0.005,
+        ge=0,
+        description="Conversion gate (convert): |f16 GGUF perplexity / HF perplexity - 1| on the same tokens.",
+    )
+    min_conversion_top1: float = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="Conversion gate (convert): share of scored positions where the f16 GGUF's and the merged HF "
+        "model's most likely next token agree.",
     )
 
     def chunks_for(self, n_params: int) -> int:

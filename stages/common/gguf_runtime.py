@@ -228,8 +228,11 @@ class GGUFModel:
         logits_all: bool = False,
         n_threads: int | None = None,
         lora: Path | None = None,
+        vocab_only: bool = False,
     ):
-        """`lora`: a LoRA GGUF (convert_lora_to_gguf.py) applied at scale 1, as `llama-cli --lora`."""
+        """`lora`: a LoRA GGUF (convert_lora_to_gguf.py) applied at scale 1, as `llama-cli --lora`;
+        `vocab_only`: tokenize and render templates without touching the weights (a 7B f16 file
+        would otherwise be paged in)."""
         llama_cpp = bindings()
         for f in (path, lora):
             if f is not None and not f.is_file():
@@ -243,6 +246,7 @@ class GGUFModel:
             n_threads=n_threads or os.cpu_count(),
             seed=DEFAULT_SEED,
             verbose=False,
+            vocab_only=vocab_only,
         )
         self.metadata: dict[str, str] = dict(self.llm.metadata)
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)

@@ -99,6 +99,10 @@ class RunLayout:
         """A GGUF of the run, e.g. gguf/demo.Q4_K_M.gguf: kind is an outtype (f16) or a quant type."""
         return self.gguf_dir / f"{self.name}.{kind}.gguf"
 
+    def gguf_logits(self, kind: str) -> Path:
+        """A GGUF's next-token distributions on the held-out chunks (llama-perplexity's format)."""
+        return self.gguf_dir / f"{self.name}.{kind}.logits"
+
     @property
     def lora_gguf(self) -> Path:
         return self.gguf(names.LORA_KIND)

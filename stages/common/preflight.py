@@ -95,8 +95,25 @@ def merge_peak(base: Path, adapter: Path) -> int:
 
 
 def convert_peak(merged: Path) -> int:
-    """llama.cpp's converter reads lazily and writes tensor by tensor, in float32 at worst."""
-    return 4 * largest_tensor_bytes(merged) + INTERPRETER
+    """llama.cpp's converter reads lazily and writes tensor by tensor, in float32 at worst; then the
+    conversion check runs the merged model one decoder layer at a time in float32 (hf_stream): a
+    layer and the output layer, each twice (the 16-bit read and its float32 copy) with room for the
+    activations."""
+    return max(4 * largest_tensor_bytes(merged), 4 * largest_layer_bytes(merged) + 4 * largest_tensor_bytes(merged)) + (
+        INTERPRETER
+    )
+
+
+def largest_layer_bytes(folder: Path) -> int:
+    """Bytes of the largest decoder layer (tensors named ...layers.<i>....), from the headers alone."""
+    layers: dict[str, int] = {}
+    for f in safetensors_files(folder):
+        for name, t in read_header(f)[0].items():
+            head, sep, tail = name.partition("layers.")
+            if sep:
+                key = head + sep + tail.split(".", 1)[0]
+                layers[key] = layers.get(key, 0) + t.nbytes
+    return max(layers.values(), default=0)
 
 
 def quantize_peak(largest_tensor_elements: int) -> int:
@@ -124,11 +141,6 @@ def train_peak(base: Path, device: str, batch: int, seq: int, half: bool) -> int
     return max((f.stat().st_size for f in safetensors_files(base)), default=0) + GiB
 
 
-def report_peak(merged: Path) -> int:
-    """transformers loads the merged model (bfloat16 at least, float32 when that fits)."""
-    return int(1.2 * checkpoint_bytes(merged)) + 512 * MiB
-
-
 # --- Per stage, as specs.py declares them: (bytes, what for) ----------------------------------
 
 
@@ -143,12 +155,8 @@ def merge_memory(cfg, layout, *, base: Path) -> tuple[int, str]:
 
 
 def convert_memory(cfg, layout) -> tuple[int, str]:
-    return convert_peak(layout.merged), "the GGUF conversion"
+    return convert_peak(layout.merged), "the GGUF conversion and its check against the merged model"
 
 
 def quantize_memory(cfg, layout, *, largest_tensor_elements: int) -> tuple[int, str]:
     return quantize_peak(largest_tensor_elements), "llama-quantize"
-
-
-def report_memory(cfg, layout) -> tuple[int, str]:
-    return report_peak(layout.merged), "the merged model's perplexity in transformers"

@@ -83,13 +83,21 @@ class StageSpec:
             preflight.check_free_memory(*self.memory(cfg, layout, **facts))
 
 
+# The report settings convert reads: it checks its f16 file against the merged model on the held-out chunks.
+CHECK = tuple(
+    f"report.{f}"
+    for f in ("enabled", "ctx", "max_chunks", "token_budget", "max_conversion_ppl_delta", "min_conversion_top1")
+)
+
+
 def _merged_weights(rel: str, cfg: PipelineConfig, layout: RunLayout) -> bool:
     # The weights only: config and tokenizer files stay (the report reads them).
     return rel.startswith(layout.rel(layout.merged) + "/") and rel.endswith(".safetensors")
 
 
 def _outtype_gguf(rel: str, cfg: PipelineConfig, layout: RunLayout) -> bool:
-    return rel == layout.rel(layout.gguf(cfg.gguf.outtype))
+    kind = cfg.gguf.outtype
+    return rel in (layout.rel(layout.gguf(kind)), layout.rel(layout.gguf_logits(kind)))
 
 
 def _prepares(cfg: PipelineConfig) -> bool:
@@ -114,12 +122,12 @@ STAGES: tuple[StageSpec, ...] = (
         (names.TRAIN,),
         inputs=_model,
         memory=preflight.merge_memory,
-        intermediates=(Intermediate("merged", _merged_weights, (names.CONVERT, names.REPORT)),),
+        intermediates=(Intermediate("merged", _merged_weights, (names.CONVERT,)),),
     ),
     StageSpec(
         names.CONVERT,
         GGUF_IMAGE,
-        ("run_name", "model", "gguf.outtype", "gguf.lora_adapter", "smoke.messages", "data"),
+        ("run_name", "model", "gguf.outtype", "gguf.lora_adapter", "smoke.messages", "data", "training.seed", *CHECK),
         (names.MERGE, names.TRAIN),
         inputs=_model_and_data,
         llama_cpp=True,
@@ -143,7 +151,6 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         enabled=lambda cfg: cfg.report.enabled,
         llama_cpp=True,
-        memory=preflight.report_memory,
     ),
     StageSpec(names.SMOKE, GGUF_IMAGE, ("smoke", "gguf", "data.system_prompt"), (names.QUANTIZE,), llama_cpp=True),
     StageSpec(
