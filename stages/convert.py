@@ -31,10 +31,11 @@ from stages.common.artifacts import check_free_disk, dir_size, stage_output, ver
 from stages.common.chat_template import check_parity
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import train_and_held_out, with_system
+from stages.common.data import train_and_held_out, train_files, with_system
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
 from stages.common.model import resolve
+from stages.common.progress import is_terminal, plain_env
 
 SPEC = specs.spec(names.CONVERT)
 
@@ -56,14 +57,19 @@ TAIL_BYTES = 4096
 
 
 def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run `cmd`, echoing its output as it comes (the converter draws its own progress bars),
-    and return the exit code with the output's tail for the error message."""
+    """Run `cmd`, echoing its output as it comes (the converter draws its own progress bars; off a
+    terminal each redraw becomes a plain line, at most one per progress.PLAIN_INTERVAL), and
+    return the exit code with the output's tail for the error message."""
     tail: deque[bytes] = deque()
     kept = 0
+    plain = not is_terminal()
+    env = {**env, **plain_env()}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     sink = getattr(sys.stdout, "buffer", None)  # absent when stdout is a text-only capture
     while chunk := os.read(proc.stdout.fileno(), 65536):
+        if plain:
+            chunk = chunk.replace(b"\r", b"\n").replace(b"\n\n", b"\n")
         if sink:
             sink.write(chunk)
         else:
@@ -102,7 +108,7 @@ def parity_conversations(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
     system = cfg.data.system_prompt
     out = [with_system(system, c) for c in FIXED_CONVERSATIONS]
     out += [with_system(system, [{"role": "user", "content": m}]) for m in cfg.smoke.messages]
-    files = [*cfg.data.train_files, *cfg.data.eval_files]
+    files = [*train_files(cfg.data), *cfg.data.eval_files]
     if cfg.data.format != "text" and all(Path(f).is_file() for f in files):
         held_out = train_and_held_out(cfg.data, cfg.training.seed).held_out
         out += [r["prompt"] for r in held_out[:PARITY_HELD_OUT] if "prompt" in r]

@@ -35,9 +35,10 @@ from stages.common.artifacts import read_manifest, stage_output, verify_manifest
 from stages.common.chat_template import derive_turns, modelfile
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import plain_text, train_and_held_out
+from stages.common.data import plain_text
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel, read_gguf
+from stages.common.heldout import held_out
 from stages.common.layout import RunLayout
 
 SPEC = specs.spec(names.REPORT)
@@ -326,7 +327,7 @@ def gate(cfg: PipelineConfig, report: dict[str, Any]) -> list[str]:
 
 def measure(cfg: PipelineConfig, layout: RunLayout, work: Path) -> dict[str, Any]:
     f16 = layout.gguf(cfg.gguf.outtype)
-    text = plain_text(train_and_held_out(cfg.data, cfg.training.seed).held_out)
+    text = plain_text(held_out(cfg, layout).rows)  # never rows the adapter trained on
     text_file, logits = work / "held_out.txt", work / "f16.logits"
     text_file.write_text(text)
 
@@ -394,6 +395,11 @@ def report(ctx: StageContext) -> None:
         llamacpp.tool(tool)
     f16 = layout.gguf(cfg.gguf.outtype)
     SPEC.check_memory(cfg, layout)
+    if not (held := held_out(cfg, layout)).rows:
+        console.print(f"[yellow]report skipped[/yellow]: {held.reason}")
+        with stage_output(run_dir, names.REPORT) as out:
+            out.commit(inputs={"held_out": "none"}, metrics={"skipped": held.reason})
+        return
 
     # Run: measure in a scratch folder (the saved f16 logits are hundreds of MB), then gate.
     with tempfile.TemporaryDirectory(

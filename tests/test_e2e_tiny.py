@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, repeat_rows, run_stage, tiny_pipeline
+from conftest import copy_run, distinct_rows, repeat_rows, run_stage, tiny_pipeline
 
 from stages.common import names, specs
 from stages.common import pipeline as graph
@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
         "tiny",
         tiny_mistral,
         repeat_rows(96, seed=1),
-        repeat_rows(16, seed=2),
+        distinct_rows(16, seed=2),  # held out: none of them is a training row
         lora={
             "r": 16,
             "alpha": 32,
