@@ -85,7 +85,10 @@ def test_train_loss_goes_down(tiny_run):
     curve = [loss for _, loss in m["loss_curve"]]
     assert len(curve) == 6
     assert curve[-1] < 0.3 * curve[0], curve
-    assert m["eval_loss"] < 0.5 * curve[0]
+    # The held-out rows repeat two-letter words the run never trained on (single letters only), so
+    # their loss measures whether the copy pattern carries over: 2.64 against a first loss of 3.53
+    # (0.75) when they became truly held out; repeated training rows had measured under 0.5.
+    assert m["eval_loss"] < 0.85 * curve[0], (m["eval_loss"], curve[0])
 
 
 def _token_batch(tokenizer):
