@@ -20,15 +20,18 @@ peak batch is that long as soon as a few rows are):
   repeated to every head; SwiGLU's gate, activation and up projection, two of those with Liger;
   each adapted module's input, plus its dropout mask with LoRA dropout); with checkpointing one
   16-bit hidden state per layer plus one layer recomputed during backward; plus the backward's
-  own gradients of the widest layer; plus the loss: 12 bytes per vocabulary entry (16-bit logits,
-  their float32 copy, its log-softmax and gradient) or, with Liger's fused linear cross-entropy,
-  chunks of an eighth of the tokens.
+  own gradients of the widest layer; plus the loss: 10 bytes per vocabulary entry (16-bit logits,
+  their float32 copy, and the float32 log-softmax kept for backward) or, with Liger's fused linear
+  cross-entropy, chunks of an eighth of the tokens.
 
-Checked against the profiles measured on an H200 (tests/test_vram.py lists each point, with its
-benchmarks/results file: the reference 30.76 GiB, `24gb` 21.12, `12gb` 7.90 and five more
-configurations); docs/gpu-memory.md has the table. Not modelled, because not measured: activation
-offloading (counted as keeping one layer's activations), torch.compile (measured equal to eager),
-architectures other than llama-style decoders (estimate() returns None for them).
+Checked against every configuration measured on an H200 (tests/test_vram.py lists each point
+with its benchmarks/results file: the reference 30.76 GiB, `24gb` 21.12, `12gb` 7.90, and eight
+more, with and without checkpointing and Liger); docs/gpu-memory.md has the table.
+
+Not modelled, because not measured: activation offloading (counted as keeping one layer's
+activations), 32-bit optimizers, FSDP's sharding (the base divided by the GPUs), architectures
+other than llama-style decoders (estimate() returns None for them). torch.compile and fused LoRA
+measured equal to eager peft and are not terms.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ ENV_SKIP = "KILN_SKIP_MEMORY_CHECK"  # the same switch as the host-RAM preflight
 HEADROOM = 1 * GiB
 CUDA_CONTEXT = GiB // 2  # what the CUDA context takes when the train stage starts (not yet counted by nvidia-smi)
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # by double_quant
-LOGITS_BYTES = 12  # per token and vocabulary entry without Liger (see above)
+LOGITS_BYTES = 10  # per token and vocabulary entry without Liger: 2 + 4 + 4 (see above)
 LIGER_CHUNKS = 8  # Liger's fused cross-entropy computes the logits of 1/8 of the tokens at a time (V/H ~ 8)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
