@@ -222,7 +222,8 @@ def test_report_measures_every_type(tiny_run):
     assert rows["f16"]["kl_mean"] is None
     # Fewer bits, more change: KL vs f16 and top-1 agreement order the types by size.
     assert 0 <= rows["Q8_0"]["kl_mean"] < rows["Q4_K_M"]["kl_mean"]
-    assert rows["Q8_0"]["top1_agreement"] >= 0.95
+    # 0.9498 measured once the held-out rows stopped being copies of training rows (0.95 before).
+    assert rows["Q8_0"]["top1_agreement"] >= 0.94
     assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
     assert all(r["prompt_tokens_per_s"] > 0 and r["gen_tokens_per_s"] > 0 for r in rows.values())
     # The conversion check: the merged HF model's perplexity on the same tokens and chunks.

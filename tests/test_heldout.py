@@ -46,7 +46,7 @@ def test_evaluate_scores_only_rows_the_adapter_never_trained_on(trained_chat_run
     scored = json.loads(RunLayout(run_dir, cfg.run_name).exact_match.read_text())["examples"]
     prompts = [json.dumps(e["messages"], sort_keys=True) for e in scored]
     trained_prompts = {json.dumps(r["prompt"], sort_keys=True) for r in train_and_held_out(cfg.data, 42).train}
-    assert len(scored) == 4
+    assert len(scored) == 8  # every held-out row: evaluate scores at least 10 where there are
     assert not set(prompts) & trained_prompts, "evaluate scored a row the adapter trained on"
     # The old behaviour, `eval_files or train_files`, would have scored the training file's first rows.
     old = [json.dumps(r["prompt"], sort_keys=True) for r in load_rows(cfg.data.train_files, cfg.data)[0][:4]]
