@@ -32,9 +32,39 @@ def _load(c, config: str | None, overrides: list[str], profile: str | None = Non
 
     path = config or c.kiln.config
     try:
-        return load_config(path, [*profile_overrides(profile), *overrides])
+        return load_config(path, [*profile_overrides(_pick_profile(path, overrides, profile)), *overrides])
     except StageError as exc:
         raise Exit(f"error: {exc}", code=2) from None
+
+
+def _pick_profile(path: str, overrides: list[str], profile: str | None) -> str | None:
+    """`profile`, or for `auto` the fastest measured one that fits the visible GPU (said out loud)."""
+    from stages.common.config import load_config
+    from stages.common.profiles import AUTO, profile_overrides
+
+    if profile != AUTO:
+        return profile
+    from stages.common.gpu_fit import auto_profile
+
+    picked, said = auto_profile(lambda p: load_config(path, [*profile_overrides(p), *overrides]))
+    _console().print(said)
+    return picked
+
+
+def _check(cfg, run_dir: Path, runtime_name: str, start_at: str | None = None) -> None:
+    """Run every up-front check; print each finding on one line; Exit(2) when any is an error."""
+    from stages.common.checks import ERROR, OK, run_checks
+
+    findings = run_checks(cfg, run_dir, start_at=start_at, runtime=runtime_name)
+    out = _console()
+    for f in findings:
+        if f.level != ERROR:
+            out.print(f"{'ok' if f.level == OK else 'note'}: {f.line()}", markup=False, soft_wrap=True)
+    errors = [f for f in findings if f.level == ERROR]
+    for f in errors:
+        print(f"error: {f.line()}", file=sys.stderr)
+    if errors:
+        raise Exit(f"{len(errors)} problem(s) found before any stage started; fix them and run again", code=2)
 
 
 def _runtime(c, name: str | None):
@@ -75,7 +105,7 @@ def _docker_runtime_or_none():
         "from_": "start at this stage, taking earlier outputs as they are (e.g. merge)",
         "adapter": "with --from merge: a PEFT adapter folder trained elsewhere",
         "run_dir": "run folder (default: runs/<run_name>)",
-        "profile": "train-speed profile for one GPU: 24gb or 12gb (README, Performance); --set beats it",
+        "profile": "train-speed profile for one GPU: 24gb, 12gb, or auto (the fastest that fits); --set beats it",
     },
     iterable=["set_", "force"],
 )
@@ -89,6 +119,7 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
     out = _console()
     run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
     out.print(f"[bold]run[/bold] {run}  [bold]runtime[/bold] {rt.describe()}")
+    _check(cfg, run, rt.name, start_at=names.MERGE if adapter else from_)
     try:
         if adapter:
             if from_ not in (None, names.MERGE):
@@ -105,6 +136,24 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
     _print_summary(out, summary)
     if any(r.status == "failed" for r in results):
         raise Exit(code=1)
+
+
+@task(
+    help={
+        "config": "pipeline YAML (default: configs/demo.yaml, from invoke.yaml)",
+        "set_": "override one config value, KEY=VALUE (repeatable)",
+        "profile": "train-speed profile, as for pipeline (24gb, 12gb or auto)",
+        "run_dir": "run folder whose disk is checked (default: runs/<run_name>)",
+        "runtime": "auto, local or docker: where the stages would run (decides which packages must be here)",
+    },
+    iterable=["set_"],
+)
+def check(c, config=None, set_=None, profile=None, run_dir=None, runtime=None):
+    """Check data, model, GPU and disk before any heavy work: one line per problem, nothing runs."""
+    cfg = _load(c, config, set_ or [], profile)
+    run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
+    _check(cfg, run, _runtime(c, runtime).name)
+    _console().print("all checks passed")
 
 
 def _print_summary(out, summary) -> None:
@@ -186,7 +235,7 @@ def setup(c):
         "config": "pipeline YAML",
         "set_": "override one config value, KEY=VALUE (repeatable)",
         "gpus": "train on N GPUs of this machine (DDP; the stage relaunches itself under torchrun)",
-        "profile": "train-speed profile for one GPU: 24gb or 12gb; --set beats it",
+        "profile": "train-speed profile for one GPU: 24gb, 12gb or auto; --set beats it",
         "nodes": "train on N machines; run the same command on each with its --node-rank (docs/multi-gpu.md)",
         "node_rank": "this machine's index, 0..nodes-1 (default: KILN_NODE_RANK, PET_NODE_RANK or SLURM_NODEID)",
         "main_address": "address of node 0 (default: KILN_MAIN_ADDRESS, PET_MASTER_ADDR or MASTER_ADDR)",
@@ -206,7 +255,7 @@ def stage(c, stage, config=None, set_=None, gpus=1, profile=None, nodes=1, node_
         raise Exit(f"error: {exc}", code=2) from None
     cfg_path = config or c.kiln.config
     try:
-        overrides = [*profile_overrides(profile), *(set_ or [])]
+        overrides = [*profile_overrides(_pick_profile(cfg_path, set_ or [], profile)), *(set_ or [])]
     except StageError as exc:
         raise Exit(f"error: {exc}", code=2) from None
     launch = {
@@ -459,6 +508,7 @@ def bench_merge(c, size="7b", reference="auto"):
 
 
 ns = Collection(
+    check,
     bench_train,
     bench_merge,
     pipeline,

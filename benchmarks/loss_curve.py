@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [
         *PROFILES[args.profile],
         f"model.name_or_path={args.model}",
+        "data.dataset=null",  # the recipe names the Hub dataset; this run trains on its own file
         f"data.train_files=[{data}]",
         f"data.max_seq_length={MAX_TOKENS}",
         f"training.max_steps={args.steps}",

@@ -3,6 +3,7 @@
 # transformers. Runs the train stage on a GPU, or on the CPU (bitsandbytes' CPU backend).
 #   docker build -f images/train.Dockerfile -t kiln-train .            (invoke build --stage train)
 # Build args: BASE_IMAGE, UID, GID. Optional CA secret: as in merge.Dockerfile.
+# tensorboard: event files under runs/<run>/tensorboard with training.report_to=tensorboard.
 # NVIDIA_DRIVER_CAPABILITIES: what the container toolkit mounts from the host driver (CUDA, nvidia-smi).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
@@ -32,11 +33,12 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     set -eux; \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     pip install --no-compile -c /opt/constraints.txt torch transformers peft trl accelerate datasets bitsandbytes \
-        safetensors sentencepiece protobuf pydantic pyyaml rich psutil liger-kernel; \
-    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets, liger_kernel; assert torch.version.cuda, torch.__version__'; \
+        safetensors sentencepiece protobuf pydantic pyyaml rich psutil liger-kernel tensorboard; \
+    python -c 'import torch, bitsandbytes, peft, trl, accelerate, datasets, liger_kernel, tensorboard; assert torch.version.cuda, torch.__version__'; \
     PYTHONDONTWRITEBYTECODE='' python -c 'import datasets, peft.tuners.lora, safetensors.torch; \
         import transformers.models.llama.modeling_llama, transformers.models.mistral.modeling_mistral; \
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; from trl import SFTConfig, SFTTrainer'
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig; from trl import SFTConfig, SFTTrainer; \
+        from torch.utils.tensorboard import SummaryWriter'
 
 WORKDIR /work
 # The last two layers hold the code (docker_runtime.py: SOURCE_LAYERS_LABEL); the source digest labels it.

@@ -32,12 +32,14 @@ from stages.common.artifacts import check_free_disk, dir_size, stage_output, ver
 from stages.common.chat_template import check_parity
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import train_and_held_out, with_system
+from stages.common.data import train_and_held_out, train_files, with_system
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFInfo, GGUFModel, gguf_py, read_gguf
+from stages.common.heldout import held_out
 from stages.common.layout import RunLayout
 from stages.common.model import resolve
 from stages.common.perplexity import PERPLEXITY_TOOL, held_out_chunks, hf_reference, perplexity_base
+from stages.common.progress import is_terminal, plain_env
 
 SPEC = specs.spec(names.CONVERT)
 
@@ -59,14 +61,19 @@ TAIL_BYTES = 4096
 
 
 def _stream(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run `cmd`, echoing its output as it comes (the converter draws its own progress bars),
-    and return the exit code with the output's tail for the error message."""
+    """Run `cmd`, echoing its output as it comes (the converter draws its own progress bars; off a
+    terminal each redraw becomes a plain line, at most one per progress.PLAIN_INTERVAL), and
+    return the exit code with the output's tail for the error message."""
     tail: deque[bytes] = deque()
     kept = 0
+    plain = not is_terminal()
+    env = {**env, **plain_env()}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     sink = getattr(sys.stdout, "buffer", None)  # absent when stdout is a text-only capture
     while chunk := os.read(proc.stdout.fileno(), 65536):
+        if plain:
+            chunk = chunk.replace(b"\r", b"\n").replace(b"\n\n", b"\n")
         if sink:
             sink.write(chunk)
         else:
@@ -105,7 +112,7 @@ def parity_conversations(cfg: PipelineConfig) -> list[list[dict[str, str]]]:
     system = cfg.data.system_prompt
     out = [with_system(system, c) for c in FIXED_CONVERSATIONS]
     out += [with_system(system, [{"role": "user", "content": m}]) for m in cfg.smoke.messages]
-    files = [*cfg.data.train_files, *cfg.data.eval_files]
+    files = [*train_files(cfg.data), *cfg.data.eval_files]
     if cfg.data.format != "text" and all(Path(f).is_file() for f in files):
         held_out = train_and_held_out(cfg.data, cfg.training.seed).held_out
         out += [r["prompt"] for r in held_out[:PARITY_HELD_OUT] if "prompt" in r]
@@ -215,18 +222,23 @@ def convert(ctx: StageContext) -> None:
             convert_lora(layout.adapter, resolve(cfg.model).path, lora)
             console.print(f"{lora.name}: {lora.stat().st_size / 2**20:.1f} MiB (apply with --lora to the base GGUF)")
         conversion = None
-        if cfg.report.enabled:
-            conversion = conversion_check(cfg, layout, target, out.path(layout.gguf_logits(cfg.gguf.outtype)))
+        if cfg.report.enabled and not (held := held_out(cfg, layout)).rows:
+            conversion = {"skipped": held.reason}
+            console.print(f"[yellow]conversion check skipped[/yellow]: {held.reason}")
+        elif cfg.report.enabled:
+            logits = out.path(layout.gguf_logits(cfg.gguf.outtype))
+            conversion = conversion_check(cfg, layout, held.rows, target, logits)
 
         # Cleanup: record exactly which llama.cpp made the file, and what is in it.
+        checked = bool(conversion) and "skipped" not in conversion
         out.commit(
             inputs={"merged": layout.rel(merged), "merge_outputs": len(merge_manifest[names.M_OUTPUTS])},
             metrics={
                 "outtype": cfg.gguf.outtype,
                 "chat_parity": len(parity.get("conversations", [])),
                 "lora_gguf": lora.name if lora else None,
-                **({"conversion_ppl_delta": round(conversion["relative_delta"], 5)} if conversion else {}),
-                **({"conversion_top1": round(conversion["top1_agreement"], 5)} if conversion else {}),
+                **({"conversion_ppl_delta": round(conversion["relative_delta"], 5)} if checked else {}),
+                **({"conversion_top1": round(conversion["top1_agreement"], 5)} if checked else {}),
                 "conversion": conversion,
                 **info.summary(),
             },
@@ -234,12 +246,14 @@ def convert(ctx: StageContext) -> None:
         )
 
 
-def conversion_check(cfg: PipelineConfig, layout: RunLayout, f16: Path, logits: Path) -> dict[str, Any]:
+def conversion_check(
+    cfg: PipelineConfig, layout: RunLayout, rows: list[dict[str, Any]], f16: Path, logits: Path
+) -> dict[str, Any]:
     """The f16 GGUF against the merged HF model on the held-out chunks: perplexity and top-1 next
     token, each gated (report.max_conversion_ppl_delta, report.min_conversion_top1). The f16 file's
     distributions stay in `logits` for the report's KL runs."""
     with tempfile.TemporaryDirectory(prefix=f"{names.TMP_PREFIX}{names.CONVERT}-text-", dir=layout.root) as work:
-        text, chunks = held_out_chunks(cfg, f16, Path(work))
+        text, chunks = held_out_chunks(cfg, rows, f16, Path(work))
         with console.status(f"llama-perplexity on {f16.name}"):
             gguf_ppl = perplexity_base(f16, text, logits, cfg.report.ctx, len(chunks))
     with console.status("the merged HF model on the same tokens, one layer at a time"):

@@ -8,6 +8,10 @@ the pinned llama.cpp with greedy decoding and the chat template stored in each G
 GGUF is converted and quantized from the base checkpoint with the same tools as the fine-tuned
 one, once, and cached under cache/gguf/. An answer counts when, stripped of surrounding white
 space, it equals the reference answer. Writes runs/<run>/eval/exact_match.json.
+
+Only held-out rows are scored: those the train stage's recorded split held out and never trained
+on, or data.eval_files for an imported adapter (heldout.py). Without any, the stage is skipped:
+its manifest says why and no score is written.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from stages.common import keys, llamacpp, names
 from stages.common.artifacts import stage_output, verify_manifest
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel, read_gguf
+from stages.common.heldout import held_out
 from stages.common.layout import cache_dir
 from stages.common.model import resolve
 from stages.convert import convert_checkpoint
@@ -55,13 +59,22 @@ def base_gguf(cfg: PipelineConfig) -> Path:
     return target
 
 
-def reference_pairs(cfg: PipelineConfig, n_params: int) -> list[tuple[list[dict[str, str]], str]]:
-    """The first held-out (prompt, answer) pairs, as many as the model's size affords (eval.example_budget)."""
-    rows = train_and_held_out(cfg.data, cfg.training.seed).held_out
+def reference_pairs(
+    cfg: PipelineConfig, rows: list[dict[str, Any]], n_params: int
+) -> list[tuple[list[dict[str, str]], str]]:
+    """The first held-out (prompt, answer) pairs of `rows`, as many as the model's size affords
+    (eval.example_budget)."""
     pairs = [(r["prompt"], r["completion"][0]["content"]) for r in rows if "prompt" in r]
-    if not pairs:
-        raise StageError("eval.exact_match needs chat or alpaca data with a held-out split (data.eval_files)")
+    if rows and not pairs:
+        raise StageError("eval.exact_match needs chat or alpaca data (a prompt and an answer per row)")
     return pairs[: cfg.eval.examples_for(n_params)]
+
+
+def skip(ctx: StageContext, reason: str) -> None:
+    """Commit an evaluate output that scores nothing and says why (no exact_match.json)."""
+    console.print(f"[yellow]evaluate skipped[/yellow]: {reason}")
+    with stage_output(ctx.run_dir, names.EVALUATE, owned=(names.EVAL_DIR,)) as out:
+        out.commit(inputs={"held_out": "none"}, metrics={"skipped": reason})
 
 
 def score(model_path: Path, pairs, max_tokens: int) -> tuple[float, list[dict[str, Any]]]:
@@ -79,10 +92,14 @@ def score(model_path: Path, pairs, max_tokens: int) -> tuple[float, list[dict[st
 def evaluate(ctx: StageContext) -> None:
     cfg, layout, run_dir = ctx.cfg, ctx.layout, ctx.run_dir
 
-    # Setup.
+    # Setup: nothing to score is a skip with the reason, never a score on training rows.
+    held = held_out(cfg, layout)
+    if not held.rows:
+        return skip(ctx, held.reason)
     verify_manifest(run_dir, names.QUANTIZE)
     tuned = layout.gguf(cfg.eval.quant_type)
-    pairs = reference_pairs(cfg, read_gguf(tuned).n_params)
+    pairs = reference_pairs(cfg, held.rows, read_gguf(tuned).n_params)
+    console.print(f"scoring {len(pairs)} held-out rows: {held.source}")
     base = base_gguf(cfg)
 
     # Run.
@@ -105,7 +122,7 @@ def evaluate(ctx: StageContext) -> None:
         }
         out.path(layout.exact_match).write_text(json.dumps(report, indent=1))
         out.commit(
-            inputs={"base_gguf": str(base), "finetuned_gguf": tuned.name, "eval_files": cfg.data.eval_files},
+            inputs={"base_gguf": str(base), "finetuned_gguf": tuned.name, "held_out": held.source},
             metrics={"base_exact_match": base_em, "finetuned_exact_match": tuned_em, "n": len(pairs)},
             extra={names.M_LLAMA_CPP: llamacpp.info()},
         )

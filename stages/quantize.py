@@ -21,7 +21,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from stages.common import llamacpp, names, specs
 from stages.common.artifacts import check_free_disk, stage_output, verify_manifest
@@ -29,6 +29,7 @@ from stages.common.cli import StageContext, context, stage_parser
 from stages.common.data import plain_text, train_and_held_out
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import read_gguf
+from stages.common.progress import Progress  # plain lines when the output is not a terminal
 
 SPEC = specs.spec(names.QUANTIZE)
 

@@ -259,6 +259,12 @@ def report(ctx: StageContext) -> None:
         verify_manifest(run_dir, stage)
     for tool in (PERPLEXITY_TOOL, BENCH_TOOL):
         llamacpp.tool(tool)
+    skipped = (read_manifest(run_dir, names.CONVERT)[names.M_METRICS].get("conversion") or {}).get("skipped")
+    if skipped:  # no held-out rows: convert saved no distributions to measure against
+        console.print(f"[yellow]report skipped[/yellow]: {skipped}")
+        with stage_output(run_dir, names.REPORT) as out:
+            out.commit(inputs={"held_out": "none"}, metrics={"skipped": skipped})
+        return
 
     # Run: measure, then gate.
     result = measure(cfg, layout)

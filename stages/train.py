@@ -26,11 +26,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from stages.common import fsdp, launch, names, specs
-from stages.common.artifacts import check_free_disk, sha256_file, stage_output
+from stages.common import fsdp, gpu_fit, heldout, launch, monitoring, names, specs
+from stages.common.artifacts import check_free_disk, sha256_file, stage_output, write_json_atomic
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
-from stages.common.data import check_report, drop_too_long, train_and_held_out
+from stages.common.data import check_report, drop_too_long, train_and_held_out, train_files
 from stages.common.errors import StageError, console, run_stage
 from stages.common.losswatch import LossWatch, NonFiniteLoss
 from stages.common.model import resolve
@@ -108,7 +108,7 @@ def prepare_rows(cfg: PipelineConfig, tokenizer) -> tuple[list, list, dict[str, 
 
 
 def data_digests(cfg: PipelineConfig) -> dict[str, str]:
-    return {f: sha256_file(Path(f)) for f in [*cfg.data.train_files, *cfg.data.eval_files]}
+    return {f: sha256_file(Path(f)) for f in [*train_files(cfg.data), *cfg.data.eval_files]}
 
 
 def training_digest(cfg: PipelineConfig, data: dict[str, str]) -> str:
@@ -200,7 +200,7 @@ def sft_config(cfg: PipelineConfig, output_dir: Path, device: str, has_eval: boo
         eval_steps=t.eval_steps,
         seed=t.seed,
         data_seed=t.seed,
-        report_to="none",
+        report_to=cfg.training.report_to,  # tensorboard: runs/<run>/tensorboard (monitoring.py)
         # LoRA leaves most parameters frozen; DDP's unused-parameter scan would only cost a pass.
         ddp_find_unused_parameters=False,
         **fsdp_args(cfg),
@@ -365,8 +365,11 @@ def train(ctx: StageContext, argv: list[str]) -> int | None:
     main_rank = launch.is_main()
 
     # Setup: everything that can fail cheaply fails here, before the model is loaded.
+    monitoring.prepare_training_output(cfg, layout)
     device = pick_device(cfg)
     resolved = resolve(cfg.model)
+    if device == "cuda":
+        gpu_fit.check_train_fits(cfg, resolved.path)
     tokenizer = load_tokenizer(resolved.path, cfg)
     train_rows, eval_rows, data_stats = prepare_rows(cfg, tokenizer)
     check_free_disk(run_dir, 2 << 30, "adapter and checkpoints")
@@ -407,6 +410,7 @@ def train(ctx: StageContext, argv: list[str]) -> int | None:
         tokenizer.save_pretrained(adapter_dir)
         losses = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
         out.path(layout.training_log).write_text(json.dumps(trainer.state.log_history, indent=1))
+        write_json_atomic(out.path(layout.split), heldout.split_record(cfg, train_rows, eval_rows))
 
         # Cleanup: the manifest records what went in and what came out.
         tokens = int(trainer.state.num_input_tokens_seen or 0)

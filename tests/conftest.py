@@ -49,6 +49,16 @@ def repeat_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def distinct_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` chat rows of the repeat task with pairwise different prompts (two letters, up to 64)."""
+    pairs = [a + b for a in "abcdefgh" for b in "abcdefgh"]
+    random.Random(seed).shuffle(pairs)
+    return [
+        {"messages": [{"role": "user", "content": f"repeat {p}"}, {"role": "assistant", "content": f"{p} {p} {p} {p}"}]}
+        for p in pairs[:n]
+    ]
+
+
 def as_text(rows: list[dict]) -> list[dict]:
     """The same rows in the reference recipe's `text` format (Llama-2 [INST] prompts, as guanaco-llama2-1k)."""
     return [{"text": f"[INST] {r['messages'][0]['content']} [/INST] {r['messages'][1]['content']}"} for r in rows]
@@ -147,3 +157,46 @@ class StandInRuntime(Runtime):
     def command(self, spec, args: list[str]) -> list[str]:
         self.ran.append(spec.name)
         return [sys.executable, "-c", self.script, spec.name, *args]
+
+
+def chat_config(folder: Path, model: Path, rows: list[dict], run_name: str = "chat", **sections) -> Path:
+    """A config training a few CPU steps on chat `rows` (written under `folder`), evaluating exact
+    match at Q8_0 (the only type a 64-wide model takes); `sections` update its sections."""
+    import yaml
+
+    tree = {
+        "run_name": run_name,
+        "model": {"name_or_path": str(model)},
+        "data": {"train_files": [str(write_jsonl(folder / "train.jsonl", rows))], "format": "chat",
+                 "max_seq_length": 64, "eval_fraction": 0.25},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+        "training": {"device": "cpu", "max_steps": 4, "batch_size": 4, "logging_steps": 1, "save_steps": 4,
+                     "eval_steps": 2},
+        "gguf": {"quant_types": ["Q8_0"], "lora_adapter": False},
+        "report": {"enabled": False},
+        "smoke": {"messages": ["repeat a"], "max_tokens": 8},
+        "eval": {"exact_match": True, "quant_type": "Q8_0", "max_examples": 4, "max_tokens": 8},
+    }  # fmt: skip
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+    path = folder / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained_chat_run(tmp_path_factory, tiny_mistral) -> tuple[Path, Path]:
+    """(config, run folder) after the real train stage: 32 distinct chat rows, a quarter held out by
+    data.eval_fraction, TensorBoard on, eval loss every 2 of 4 steps. Its output is in
+    train.stderr beside the config."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("trained-chat")
+    config = chat_config(folder, tiny_mistral, distinct_rows(32, seed=5), training={"report_to": "tensorboard"})
+    run_dir = folder / "runs" / "chat"
+    cmd = stage_cmd("train", run_dir)
+    cmd[cmd.index("--config") + 1] = str(config)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder / "train.stderr").write_text(proc.stderr)  # what a user sees, for the tests to read
+    return config, run_dir

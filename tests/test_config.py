@@ -131,7 +131,7 @@ def test_profiles_apply_to_the_reference_recipe_and_set_beats_them(name):
 def test_unknown_profile_names_the_known_ones():
     from stages.common.profiles import profile_overrides
 
-    with pytest.raises(StageError, match="unknown profile '99gb'; expected one of 24gb, 12gb"):
+    with pytest.raises(StageError, match="unknown profile '99gb'; expected one of 24gb, 12gb or auto"):
         profile_overrides("99gb")
 
 
@@ -147,7 +147,7 @@ def test_invoke_refuses_an_unknown_profile_in_one_line():
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown profile '99gb'; expected one of 24gb, 12gb"
+    assert proc.stderr.strip() == "error: unknown profile '99gb'; expected one of 24gb, 12gb or auto"
 
 
 def test_report_and_eval_budgets_scale_with_model_size():

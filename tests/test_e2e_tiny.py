@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, repeat_rows, run_stage, tiny_pipeline
+from conftest import copy_run, distinct_rows, repeat_rows, run_stage, tiny_pipeline
 
 from stages.common import names, specs
 from stages.common import pipeline as graph
@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory, tiny_mistral, llama_cpp_built):
         "tiny",
         tiny_mistral,
         repeat_rows(96, seed=1),
-        repeat_rows(16, seed=2),
+        distinct_rows(16, seed=2),  # held out: none of them is a training row
         lora={
             "r": 16,
             "alpha": 32,
@@ -85,7 +85,10 @@ def test_train_loss_goes_down(tiny_run):
     curve = [loss for _, loss in m["loss_curve"]]
     assert len(curve) == 6
     assert curve[-1] < 0.3 * curve[0], curve
-    assert m["eval_loss"] < 0.5 * curve[0]
+    # The held-out rows repeat two-letter words the run never trained on (single letters only), so
+    # their loss measures whether the copy pattern carries over: 2.64 against a first loss of 3.53
+    # (0.75) when they became truly held out; repeated training rows had measured under 0.5.
+    assert m["eval_loss"] < 0.85 * curve[0], (m["eval_loss"], curve[0])
 
 
 def _token_batch(tokenizer):
@@ -219,7 +222,8 @@ def test_report_measures_every_type(tiny_run):
     assert rows["f16"]["kl_mean"] is None
     # Fewer bits, more change: KL vs f16 and top-1 agreement order the types by size.
     assert 0 <= rows["Q8_0"]["kl_mean"] < rows["Q4_K_M"]["kl_mean"]
-    assert rows["Q8_0"]["top1_agreement"] >= 0.95
+    # 0.9498 measured once the held-out rows stopped being copies of training rows (0.95 before).
+    assert rows["Q8_0"]["top1_agreement"] >= 0.94
     assert rows["Q4_K_M"]["size_bytes"] < rows["Q8_0"]["size_bytes"] < rows["f16"]["size_bytes"]
     assert all(r["prompt_tokens_per_s"] > 0 and r["gen_tokens_per_s"] > 0 for r in rows.values())
     # convert's check: the merged HF model on the same tokens and chunks, one layer at a time.

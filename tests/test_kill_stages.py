@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import repeat_rows, stage_cmd, tiny_pipeline
+from conftest import distinct_rows, repeat_rows, stage_cmd, tiny_pipeline
 
 from stages.common import names
 from stages.common import pipeline as graph
@@ -38,7 +38,7 @@ def run(tmp_path_factory, tiny_mistral, llama_cpp_built):
         "k",
         tiny_mistral,
         repeat_rows(32, seed=5),
-        repeat_rows(12, seed=6),
+        distinct_rows(12, seed=6),  # held out: none of them is a training row
         training={"device": "cpu", "max_steps": 6, "batch_size": 4, "logging_steps": 1, "save_steps": 3},
         gguf={"quant_types": ["Q8_0", "Q4_K_M"]},
         report={"ctx": 32, "max_kl": {"Q8_0": 10.0, "Q4_K_M": 10.0}},

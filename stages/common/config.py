@@ -15,11 +15,29 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.common import names
 from stages.common.errors import StageError
 
 DataFormat = Literal["text", "alpaca", "chat"]
 DType = Literal["float16", "bfloat16", "float32"]
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def nearest(value: str, known) -> str:
+    """'; did you mean X?' for the closest of `known`, or '' when none is close."""
+    close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def known_quant_type(value: str) -> str:
+    """`value` when names.QUANT_TYPES has it; else ValueError offering the nearest known type."""
+    if value not in names.QUANT_TYPES:
+        raise ValueError(
+            f"{value!r} is not a quant type this pipeline knows{nearest(value, names.QUANT_TYPES)} "
+            f"(known: {', '.join(names.QUANT_TYPES)})"
+        )
+    return value
 
 
 class Section(BaseModel):
@@ -36,7 +54,18 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    train_files: list[str] = Field(description="Local JSONL or Parquet files with the training rows.")
+    train_files: list[str] = Field(
+        default_factory=list, description="Local JSONL or Parquet files with the training rows (or set dataset)."
+    )
+    dataset: str | None = Field(
+        None, description="Hub dataset id (org/name) instead of train_files; the prepare stage fetches it into cache/."
+    )
+    split: str = Field("train", description="With dataset: the split to read, e.g. 'train' or 'train[:90%]'.")
+    revision: str | None = Field(None, description="With dataset: the Hub revision to pin (commit, tag or branch).")
+    subset: str | None = Field(None, description="With dataset: the configuration (subset) name, if it has several.")
+    data_files: list[str] = Field(
+        default_factory=list, description="With dataset: only these files of the repository (glob patterns)."
+    )
     eval_files: list[str] = Field(default_factory=list, description="Held-out rows; empty: split off eval_fraction.")
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share held out when eval_files is empty.")
     format: DataFormat = Field("text", description="Row format: 'text' (one field), 'alpaca' or 'chat' (messages).")
@@ -47,6 +76,21 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(
         0.05, ge=0.0, le=1.0, description="Fail when more than this share of rows is malformed or too long."
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.dataset is not None:
+            if not HUB_ID.match(self.dataset):
+                raise ValueError(f"data.dataset {self.dataset!r} is not a Hub id; write it as org/name")
+            if self.train_files:
+                raise ValueError("data.dataset and data.train_files are both set: use one source of training rows")
+            if self.prepare:
+                raise ValueError("data.dataset and data.prepare are both set: use one source of training rows")
+        elif not self.train_files:
+            raise ValueError("no training rows: list local files in data.train_files or set data.dataset to a Hub id")
+        elif self.revision or self.subset or self.data_files:
+            raise ValueError("data.revision, data.subset and data.data_files go with data.dataset, which is not set")
+        return self
 
 
 class QuantizationConfig(Section):
@@ -94,6 +138,9 @@ class TrainingConfig(Section):
     save_steps: int = Field(25, gt=0, description="Checkpoint every N optimizer steps.")
     eval_steps: int | None = Field(None, description="Evaluate on the held-out split every N steps; None: at end.")
     seed: int = Field(42, description="Seed for data order, dropout and adapter init.")
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="'tensorboard': event files under runs/<run>/tensorboard while training."
+    )
     gpus: int = Field(1, gt=0, description="GPUs (processes) per node; > 1 relaunches the stage under torchrun (DDP).")
     fsdp: bool = Field(
         False,
@@ -144,6 +191,11 @@ class GgufConfig(Section):
         description="Keep token embeddings at this type when quantizing (llama-quantize --token-embedding-type). "
         "With tied embeddings they are also the output projection.",
     )
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known_types(cls, v: list[str]) -> list[str]:
+        return [known_quant_type(t) for t in v]
 
 
 class ReportConfig(Section):
@@ -265,10 +317,22 @@ class PipelineConfig(Section):
                 f"training.fsdp with training.optim={t.optim} fails at the first step (bitsandbytes' 8-bit update "
                 "does not take FSDP's DTensor shards); use training.optim=adamw_torch: FSDP shards its states anyway"
             )
-        if self.eval.exact_match and self.eval.quant_type not in self.gguf.quant_types:
-            raise ValueError(f"eval.quant_type {self.eval.quant_type!r} is not among gguf.quant_types")
-        if self.smoke.quant_type and self.smoke.quant_type not in self.gguf.quant_types:
-            raise ValueError(f"smoke.quant_type {self.smoke.quant_type!r} is not among gguf.quant_types")
+        types = self.gguf.quant_types
+        if self.eval.exact_match and self.eval.quant_type not in types:
+            raise ValueError(
+                f"eval.quant_type {self.eval.quant_type!r} is not among gguf.quant_types "
+                f"{types}{nearest(self.eval.quant_type, types)}"
+            )
+        if self.smoke.quant_type and self.smoke.quant_type not in types:
+            raise ValueError(
+                f"smoke.quant_type {self.smoke.quant_type!r} is not among gguf.quant_types "
+                f"{types}{nearest(self.smoke.quant_type, types)}"
+            )
+        unknown = [k for k in self.report.max_kl if k not in names.QUANT_TYPES]
+        if unknown:
+            raise ValueError(
+                f"report.max_kl names {unknown[0]!r}, not a quant type{nearest(unknown[0], names.QUANT_TYPES)}"
+            )
         if not self.gguf.quant_types:
             raise ValueError("gguf.quant_types is empty: name at least one type (e.g. Q4_K_M)")
         return self

@@ -44,6 +44,18 @@ class RowFormat:
     def convert(self, row: dict[str, Any]) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    def problem(self, row: dict[str, Any]) -> str | None:
+        """Why `convert` refuses `row`, in a few words for `invoke check`; None when it takes it."""
+        raise NotImplementedError
+
+
+def _text_problem(row: dict[str, Any], name: str) -> str | None:
+    if name not in row:
+        return f"no {name!r} field"
+    if not isinstance(row[name], str):
+        return f"{name!r} is a {type(row[name]).__name__}, not text"
+    return f"{name!r} is empty" if not row[name].strip() else None
+
 
 def with_system(system_prompt: str | None, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     """`messages` after the system prompt, unless there is none or they open with their own."""
@@ -65,6 +77,9 @@ class TextFormat(RowFormat):
         text = row.get(self.cfg.text_field)
         return {"text": text} if isinstance(text, str) and text.strip() else None
 
+    def problem(self, row):
+        return _text_problem(row, self.cfg.text_field)
+
 
 class AlpacaFormat(RowFormat):
     """instruction / input / output rows (Stanford Alpaca)."""
@@ -83,6 +98,13 @@ class AlpacaFormat(RowFormat):
             "prompt": with_system(self.cfg.system_prompt, [{"role": "user", "content": user}]),
             "completion": [{"role": "assistant", "content": output.strip()}],
         }
+
+    def problem(self, row):
+        for name in self.required:
+            if why := _text_problem(row, name):
+                return why
+        extra = row.get("input")
+        return f"'input' is a {type(extra).__name__}, not text" if extra and not isinstance(extra, str) else None
 
 
 class ChatFormat(RowFormat):
@@ -107,6 +129,24 @@ class ChatFormat(RowFormat):
             self.cfg.system_prompt, [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
         )
         return {"prompt": prompt, "completion": [{"role": "assistant", "content": messages[-1]["content"]}]}
+
+    def problem(self, row):
+        messages = row.get("messages")
+        if "messages" not in row:
+            return "no 'messages' field"
+        if not isinstance(messages, list):
+            return f"'messages' is a {type(messages).__name__}, not a list of turns"
+        if len(messages) < 2:
+            return f"'messages' has {len(messages)} turn(s); a prompt and the assistant's answer make at least 2"
+        for i, m in enumerate(messages, 1):
+            if not isinstance(m, dict):
+                return f"turn {i} is a {type(m).__name__}, not an object with role and content"
+            if m.get("role") not in self.roles:
+                return f"turn {i} has role {m.get('role')!r}; expected one of {', '.join(sorted(self.roles))}"
+            if not isinstance(m.get("content"), str) or not m["content"].strip():
+                return f"turn {i} has no text content"
+        last = messages[-1]["role"]
+        return f"the last turn is the {last}'s, not the assistant's" if last != "assistant" else None
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -227,10 +267,26 @@ class Split:
     held_out_report: RowReport | None  # None: held out from train_files by data.eval_fraction
 
 
+def train_files(cfg: DataConfig) -> list[str]:
+    """The files that hold the training rows: data.train_files, or for a Hub dataset (data.dataset)
+    the file the prepare stage wrote under cache/ (hub_data.py)."""
+    if not cfg.dataset:
+        return list(cfg.train_files)
+    from stages.common.hub_data import local_file
+
+    return [str(local_file(cfg))]
+
+
 def train_and_held_out(cfg: DataConfig, seed: int) -> Split:
     """The one split of a run's rows: data.eval_files when given, else data.eval_fraction of the
     training files, shuffled with `seed` (training.seed)."""
-    train, report = load_rows(cfg.train_files, cfg)
+    files = train_files(cfg)
+    if cfg.dataset and not Path(files[0]).is_file():
+        raise StageError(
+            f"data.dataset {cfg.dataset} has not been fetched ({files[0]} is missing); run the prepare stage "
+            "first (invoke pipeline does)"
+        )
+    train, report = load_rows(files, cfg)
     if cfg.eval_files:
         held, held_report = load_rows(cfg.eval_files, cfg)
         return Split(train, held, report, held_report)

@@ -71,6 +71,10 @@ class RunLayout:
     def summary_md(self) -> Path:
         return self.root / names.SUMMARY_MD
 
+    @property
+    def loss_curve_png(self) -> Path:
+        return self.root / names.LOSS_CURVE_PNG
+
     # --- train ------------------------------------------------------------------------------
     @property
     def adapter(self) -> Path:
@@ -84,6 +88,16 @@ class RunLayout:
     @property
     def checkpoints(self) -> Path:
         return self.root / names.CHECKPOINTS_DIR
+
+    @property
+    def split(self) -> Path:
+        """Which rows trained and which were held out, by hash (heldout.py)."""
+        return self.root / names.SPLIT_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        """Live event files (training.report_to=tensorboard); not an output: written as training goes."""
+        return self.root / names.TENSORBOARD_DIR
 
     # --- merge ------------------------------------------------------------------------------
     @property

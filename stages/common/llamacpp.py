@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from stages.common import names
@@ -125,14 +127,44 @@ def tool_env() -> dict[str, str]:
     return env
 
 
+# What a tool prints as it goes, counted for the progress lines (progress.heartbeat): llama-perplexity
+# writes "[1]5.4321,[2]..." as each chunk is scored.
+PROGRESS_MARKS: dict[str, tuple[re.Pattern[bytes], str]] = {
+    "llama-perplexity": (re.compile(rb"\[(\d+)\]\d"), "chunks scored"),
+    "llama-imatrix": (re.compile(rb"\[(\d+)\]\d"), "chunks read"),
+}
+
+
 def run_tool(name: str, args: list[str]) -> str:
-    """Run a llama.cpp tool on all cores; its output, or StageError with its last line."""
+    """Run a llama.cpp tool on all cores; its output, or StageError with its last line. Off a
+    terminal, a progress line every few seconds says how far it is."""
+    from stages.common.progress import heartbeat
+
     cmd = [str(tool(name)), *args, "-t", str(os.cpu_count() or 1)]
-    proc = subprocess.run(cmd, env=tool_env(), capture_output=True, text=True, errors="replace")
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        raise StageError(f"{name} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
-    return proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    chunks: dict[str, list[bytes]] = {"out": [], "err": []}
+    mark, unit = PROGRESS_MARKS.get(name, (None, ""))
+    seen = [0]
+
+    def pump(stream, sink: list[bytes]) -> None:
+        while data := os.read(stream.fileno(), 65536):
+            sink.append(data)
+            if mark is not None and (found := mark.findall(data)):
+                seen[0] = max(seen[0], *map(int, found))
+
+    readers = [threading.Thread(target=pump, args=(s, chunks[k]), daemon=True)
+               for s, k in ((proc.stdout, "out"), (proc.stderr, "err"))]  # fmt: skip
+    with heartbeat(name, detail=(lambda: f"{seen[0]} {unit}") if mark else None):
+        for t in readers:
+            t.start()
+        rc = proc.wait()
+        for t in readers:
+            t.join()
+    out, err = (b"".join(chunks[k]).decode(errors="replace") for k in ("out", "err"))
+    if rc != 0:
+        lines = [ln for ln in (err + out).splitlines() if ln.strip()]
+        raise StageError(f"{name} failed (exit {rc}): {lines[-1] if lines else 'no output'}")
+    return out + err
 
 
 def _fetch_sdist(dest: Path) -> Path:

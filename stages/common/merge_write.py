@@ -80,7 +80,9 @@ def write_merged(plan: Plan, out_dir: Path, shard_bytes: int) -> dict[str, Any]:
 
 def write_checkpoint(plan: Plan, out_dir: Path, shard_bytes: int) -> dict[str, Any]:
     """Write every output tensor into planned shards; the next tensor is built while one is written."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn
+
+    from stages.common.progress import Progress  # plain lines when the output is not a terminal
 
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = plan_shards(plan.outputs, shard_bytes)

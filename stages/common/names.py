@@ -29,6 +29,9 @@ MANIFESTS_DIR = "manifests"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_LOG = "training_log.json"
 RUN_CONFIG = "config.yaml"
+SPLIT_FILE = "split.json"  # the train stage's split, by row hashes (heldout.py)
+TENSORBOARD_DIR = "tensorboard"  # event files while training, with training.report_to=tensorboard
+LOSS_CURVE_PNG = "loss_curve.png"  # train and eval loss against step, beside summary.md
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
 TMP_PREFIX = ".tmp-"

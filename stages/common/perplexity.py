@@ -18,7 +18,7 @@ from typing import Any
 
 from stages.common import llamacpp
 from stages.common.config import PipelineConfig
-from stages.common.data import plain_text, train_and_held_out
+from stages.common.data import plain_text
 from stages.common.errors import StageError, console
 
 PERPLEXITY_TOOL = "llama-perplexity"
@@ -53,12 +53,12 @@ def chunks_of(tokens: list[int], ctx: int, max_chunks: int, bos: int | None) -> 
     return out
 
 
-def held_out_chunks(cfg: PipelineConfig, gguf: Path, work: Path) -> tuple[Path, list[list[int]]]:
-    """The held-out rows as plain text (written to work/held_out.txt for llama-perplexity) and the
-    chunks it will score, tokenized as it tokenizes them; as many chunks as report.token_budget allows."""
+def held_out_chunks(cfg: PipelineConfig, rows: list[dict], gguf: Path, work: Path) -> tuple[Path, list[list[int]]]:
+    """`rows` as plain text (written to work/held_out.txt for llama-perplexity) and the chunks it will
+    score, tokenized as it tokenizes them; as many chunks as report.token_budget allows."""
     from stages.common.gguf_runtime import GGUFModel, read_gguf
 
-    text = plain_text(train_and_held_out(cfg.data, cfg.training.seed).held_out)
+    text = plain_text(rows)
     text_file = work / "held_out.txt"
     text_file.write_text(text)
     with GGUFModel(gguf, n_ctx=256, vocab_only=True) as model:

@@ -270,6 +270,10 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
         )
     layout = RunLayout(run_dir, cfg.run_name)
     summary = {"run_name": cfg.run_name, "run_dir": run_dir.as_posix(), "stages": rows}
+    from stages.common.monitoring import loss_curve_png  # matplotlib, imported only when summarizing
+
+    if (png := loss_curve_png(layout)) is not None:
+        summary["loss_curve"] = layout.rel(png)
     write_json_atomic(layout.summary_json, summary)
     lines = [
         f"# Run `{cfg.run_name}`",
@@ -284,6 +288,8 @@ def summarize(cfg: PipelineConfig, run_dir: Path, results: list[StageResult]) ->
     if layout.report_md.is_file():
         rel = layout.rel(layout.report_md)
         lines += ["", f"GGUF quality report: [{rel}]({rel})"]
+    if png is not None:
+        lines += ["", f"![train and eval loss against step]({summary['loss_curve']})"]
     layout.summary_md.write_text("\n".join(lines) + "\n")
     return summary
 

@@ -8,6 +8,7 @@ stage's key covers, and so what rebuilds it, is read here:
 - ``reads``: the config sections (or dotted fields) it reads;
 - ``upstream``: the stages whose outputs it consumes (their output digests);
 - ``inputs``: files outside the run it reads (base model, data files), by content;
+- ``disk``: what it writes, from the model's size (disk.py adds it up for the whole run);
 - its code: ``stages/<name>.py`` and every project module it imports, transitively (codekeys.py);
 - the runtime: package versions locally, the image's dependency layers in Docker.
 
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.common import disk as disk_use
 from stages.common import names, preflight
 from stages.common.config import PipelineConfig
+from stages.common.data import train_files
 from stages.common.layout import RunLayout
 
 # The images, by the key `invoke build --stage` takes; each is images/<key>.Dockerfile.
@@ -34,7 +37,7 @@ def _always(cfg: PipelineConfig) -> bool:
 
 
 def _model_and_data(cfg: PipelineConfig) -> list[Path]:
-    return [Path(cfg.model.name_or_path), *map(Path, cfg.data.train_files), *map(Path, cfg.data.eval_files)]
+    return [Path(cfg.model.name_or_path), *map(Path, train_files(cfg.data)), *map(Path, cfg.data.eval_files)]
 
 
 def _model(cfg: PipelineConfig) -> list[Path]:
@@ -68,6 +71,8 @@ class StageSpec:
     # RAM its peak needs, and for what, checked before the heavy work (preflight.py).
     memory: Callable[..., tuple[int, str]] | None = None
     intermediates: tuple[Intermediate, ...] = ()
+    # Bytes it writes (run folder, caches, scratch), from the base model's size: disk.py.
+    disk: Callable[..., disk_use.StageDisk] = disk_use.nothing
 
     @property
     def module(self) -> str:
@@ -101,11 +106,19 @@ def _outtype_gguf(rel: str, cfg: PipelineConfig, layout: RunLayout) -> bool:
 
 
 def _prepares(cfg: PipelineConfig) -> bool:
-    return bool(cfg.model.prepare or cfg.data.prepare)
+    return bool(cfg.model.prepare or cfg.data.prepare or cfg.data.dataset)
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec(names.PREPARE, MERGE_IMAGE, ("model", "data"), (), enabled=_prepares, network=False),
+    StageSpec(
+        names.PREPARE,
+        MERGE_IMAGE,
+        ("model", "data"),
+        (),
+        enabled=_prepares,
+        network=True,  # a Hub dataset (data.dataset) is fetched here
+        disk=disk_use.prepare,
+    ),
     StageSpec(
         names.TRAIN,
         TRAIN_IMAGE,
@@ -114,6 +127,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         memory=preflight.train_memory,
         network=True,  # a Hub model id is fetched here
+        disk=disk_use.train,
     ),
     StageSpec(
         names.MERGE,
@@ -123,6 +137,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model,
         memory=preflight.merge_memory,
         intermediates=(Intermediate("merged", _merged_weights, (names.CONVERT,)),),
+        disk=disk_use.merge,
     ),
     StageSpec(
         names.CONVERT,
@@ -133,6 +148,7 @@ STAGES: tuple[StageSpec, ...] = (
         llama_cpp=True,
         memory=preflight.convert_memory,
         intermediates=(Intermediate("outtype_gguf", _outtype_gguf, (names.QUANTIZE, names.REPORT)),),
+        disk=disk_use.convert,
     ),
     StageSpec(
         names.QUANTIZE,
@@ -142,6 +158,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         llama_cpp=True,
         memory=preflight.quantize_memory,
+        disk=disk_use.quantize,
     ),
     StageSpec(
         names.REPORT,
@@ -151,6 +168,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         enabled=lambda cfg: cfg.report.enabled,
         llama_cpp=True,
+        disk=disk_use.report,
     ),
     StageSpec(names.SMOKE, GGUF_IMAGE, ("smoke", "gguf", "data.system_prompt"), (names.QUANTIZE,), llama_cpp=True),
     StageSpec(
@@ -161,6 +179,7 @@ STAGES: tuple[StageSpec, ...] = (
         inputs=_model_and_data,
         enabled=lambda cfg: cfg.eval.exact_match,
         llama_cpp=True,
+        disk=disk_use.evaluate,
     ),
 )
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}
