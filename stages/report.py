@@ -26,6 +26,7 @@ from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
 from stages.common.errors import StageError, console, run_stage
 from stages.common.gguf_runtime import GGUFModel
+from stages.common.heldout import held_out
 from stages.common.layout import RunLayout
 from stages.common.perplexity import PERPLEXITY_TOOL, kl_against_base
 
@@ -259,12 +260,19 @@ def report(ctx: StageContext) -> None:
         verify_manifest(run_dir, stage)
     for tool in (PERPLEXITY_TOOL, BENCH_TOOL):
         llamacpp.tool(tool)
-    skipped = (read_manifest(run_dir, names.CONVERT)[names.M_METRICS].get("conversion") or {}).get("skipped")
-    if skipped:  # no held-out rows: convert saved no distributions to measure against
+    conversion = read_manifest(run_dir, names.CONVERT)[names.M_METRICS].get("conversion")
+    held = held_out(cfg, layout)  # the split may have changed since convert (an imported adapter)
+    skipped = held.reason if not held.rows else (conversion or {}).get("skipped")
+    if skipped:  # never score rows the adapter trained on
         console.print(f"[yellow]report skipped[/yellow]: {skipped}")
         with stage_output(run_dir, names.REPORT) as out:
             out.commit(inputs={"held_out": "none"}, metrics={"skipped": skipped})
         return
+    if conversion is None:
+        raise StageError(
+            "convert ran without its conversion check (report.enabled was false), so it saved no f16 "
+            "distributions to measure against; rerun the convert stage"
+        )
 
     # Run: measure, then gate.
     result = measure(cfg, layout)
