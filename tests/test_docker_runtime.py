@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,19 @@ def test_oom_message_names_stage_limit_and_fix():
     assert message.startswith("stage merge ran out of memory: the kernel killed its container at its 768 MiB limit")
     assert "swap off" in message and "`invoke pipeline --memory merge=2g`" in message
     assert "\n" not in message
+
+
+def test_no_engine_is_one_line(tmp_path):
+    """Where DOCKER_HOST names no engine, `invoke pipeline --runtime docker` says so in one line."""
+    socket = tmp_path / "no-engine.sock"
+    env = {**os.environ, "DOCKER_HOST": f"unix://{socket}"}
+    cmd = [sys.executable, "-m", "invoke", "pipeline", "--runtime", "docker"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == (
+        f"error: the docker runtime is not available here (docker: no engine answers at unix://{socket} "
+        "(No such file or directory)); try --runtime local"
+    )
 
 
 def test_mount_sources_are_made_and_checked(runtime, monkeypatch, tmp_path):

@@ -92,8 +92,17 @@ def engine_answers(timeout: float = 10) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    """The last line of an SDK or requests error, which holds the cause (refused, missing socket...)."""
-    text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    """The root cause of an SDK or requests error, in a few words: requests wraps urllib3, which wraps the
+    socket's error (e.g. "No such file or directory" for a socket that is gone, "Connection refused")."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        inner = [a for a in exc.args if isinstance(a, BaseException)]
+        exc = inner[0] if inner else exc.__cause__
+    root = seen[-1]
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror
+    text = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
     return re.sub(r"\s+", " ", text)[:200]
 
 
@@ -183,11 +192,15 @@ class DockerRuntime(Runtime):
         return engine_answers()
 
     def describe(self) -> str:
-        engine = self.client.version().get("Version", "?")
+        try:
+            engine = "engine " + self.client.version().get("Version", "?")
+        except (StageError, DockerException, *ENGINE_GONE) as exc:
+            where = os.environ.get("DOCKER_HOST", "the default socket")
+            return f"docker: no engine answers at {where} ({_reason(exc.__context__ or exc)})"
         shown = {stage: limits.describe() for stage, limits in self.limits.items()}
         common = max(set(shown.values()), key=list(shown.values()).count) if shown else Limits().describe()
         extra = "".join(f"; {stage}: {text}" for stage, text in shown.items() if text != common)
-        return f"docker (engine {engine}; {common}{extra})"
+        return f"docker ({engine}; {common}{extra})"
 
     def identity(self, spec: StageSpec) -> str:
         """The image's dependency layers: limits, GPUs and the user are host settings, not in any key."""
