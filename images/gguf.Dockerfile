@@ -31,7 +31,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # (version, flags, tools), it starts from scratch.
 WORKDIR /src
 COPY stages/__init__.py stages/
-COPY stages/common/__init__.py stages/common/names.py stages/common/errors.py stages/common/llamacpp.py stages/common/
+COPY stages/common/__init__.py stages/common/names.py stages/common/errors.py stages/common/layout.py \
+     stages/common/progress.py stages/common/llamacpp.py stages/common/
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=cache,id=kiln-llama.cpp,target=/opt/llama.cpp,sharing=locked \
     --mount=type=secret,id=ca \

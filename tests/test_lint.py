@@ -153,8 +153,9 @@ def test_workflow_steps_run_invoke_tasks():
 
 
 def test_ci_builds_the_images_invoke_build_builds():
-    """ci.yml's build steps carry what docker_runtime.build_image passes to `docker build`."""
+    """ci.yml's build steps carry what docker_build.build_image passes to `docker build`."""
     docker_runtime = pytest.importorskip("stages.common.docker_runtime")
+    docker_build = pytest.importorskip("stages.common.docker_build")
     job = _workflows()["ci.yml"]["jobs"]["images"]
     builds = {
         s["with"]["file"]: s["with"] for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action@")
@@ -164,7 +165,7 @@ def test_ci_builds_the_images_invoke_build_builds():
     for build in builds.values():
         assert build["context"] == "." and build["load"] is True
     prepared = " ".join(s.get("run", "") for s in job["steps"])
-    assert f"mkdir -p {docker_runtime.WHEELS.as_posix()}" in prepared, "the CPU images bind-mount WHEELS"
+    assert f"mkdir -p {docker_build.WHEELS.as_posix()}" in prepared, "the CPU images bind-mount WHEELS"
 
 
 def test_release_matrix_is_every_image():

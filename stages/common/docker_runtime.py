@@ -1,70 +1,117 @@
-"""The Docker runtime: each stage in its own image, artifacts handed over through mounted volumes.
+"""The Docker runtime: each stage in its own container, started through the Docker SDK for Python.
 
-Containers run the same entry point as the local runtime (``python -m stages.<name>``) with the
-repository's ``runs/`` and ``cache/`` (and ``data/`` when present) mounted at the same relative
-paths under /work, as the invoking user, with a read-only root filesystem and a tmpfs /tmp; the
-merge and gguf stages get no network. Secrets (HF_TOKEN) are passed from the environment at run
-time only. Images are built with BuildKit by Debian's docker client (20.10), whose built-in
-BuildKit needs no buildx plugin.
+    rt = DockerRuntime(limits=containers.parse_limits("16g"))   # invoke pipeline --runtime docker --memory 16g
+    rt.run_stage(specs.spec("merge"), ["--config", "runs/demo/config.yaml", "--run-dir", "runs/demo"], log)
 
-    build_image("merge", base="kiln-base:bookworm", torch_index_url="", ca_bundle=Path(...))  # invoke build
-    make_base_image()                                                                          # invoke base-image
-    DockerRuntime().command("merge", ["--config", "runs/demo/config.yaml"])                    # invoke pipeline
+A stage's container has its service's settings (containers.py, the one definition that compose.yaml
+is written from), runs ``python -m stages.<name> ARGS`` in /work, streams its output live into the
+console and the stage log with the stage's name in front, and is removed when the stage ends, however
+it ends:
+
+- Ctrl-C or SIGTERM to the orchestrator: the container gets SIGTERM, STOP_GRACE_S seconds to exit,
+  then SIGKILL, and is removed before the orchestrator exits. What the stage had written stays in its
+  staging folder, which the next run sweeps (artifacts.py): nothing partial lands.
+- Killed by its memory limit: one line with the stage, the limit and the flag that changes it.
+- The engine stops answering: one line, naming the container that may still run.
+- An orchestrator killed outright (SIGKILL) leaves its container; the next run of that run removes it.
+
+The engine is whichever DOCKER_HOST (or the default socket) names. Image builds are not here:
+the SDK's builder has no BuildKit secrets, so docker_build.py drives the docker CLI for them.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
-import subprocess
-import tempfile
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from math import ceil
 from pathlib import Path
+from typing import Any
 
-from stages.common import keys, names, specs
+import docker
+import requests
+import urllib3
+from docker.errors import APIError, DockerException, NotFound
+from docker.types import DeviceRequest, Mount
+
+from stages.common import containers, keys, names
 from stages.common.artifacts import sha256_file
+from stages.common.containers import IMAGES, Limits, human_bytes
 from stages.common.errors import StageError
 from stages.common.runtime import Runtime
 from stages.common.specs import StageSpec
 
 REPO = Path(__file__).resolve().parents[2]
-# The client: $KILN_DOCKER, else /usr/bin/docker, else the first on PATH. /usr/bin/docker is Debian's
-# docker.io client (20.10: the engine's built-in BuildKit, no buildx plugin needed) or Docker CE's
-# (with buildx); a client elsewhere on PATH may lack buildx, and then cannot build the images.
-DOCKER = os.environ.get("KILN_DOCKER") or ("/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker")
-IMAGES = {key: f"{names.PROJECT}-{key}" for key in specs.IMAGES}
 # Every image ends with the layers that hold stages/ (COPY, then a bytecode compile); the label says
 # how many, so that a stage's runtime identity is the layers below (its dependencies): its own code
 # is in its key already (keys.py), and a change to another module must not rebuild it.
 SOURCE_LAYERS_LABEL = "org.kiln.source-layers"
 # The digest of the stages/ tree an image was built from; a stage refuses an image built from other code.
 SOURCE_LABEL = "org.kiln.source"
-LOCAL_BASE = "kiln-base:bookworm"
-ROOTFS = "kiln-rootfs:bookworm"
-WHEELS = Path(names.CACHE_DIR) / "wheels"
+# What the runtime labels its containers with: which stage of which run (the run folder's absolute path).
+STAGE_LABEL, RUN_LABEL = "org.kiln.stage", "org.kiln.run"
+STOP_GRACE_S = 5  # SIGTERM, then SIGKILL: within the 10 s a user waits after Ctrl-C
+API_TIMEOUT_S = 60  # per engine call; the log stream and the wait have none
+# How a lost engine shows: requests' errors for calls, the socket's or urllib3's in a stream being read.
+ENGINE_GONE = (requests.RequestException, urllib3.exceptions.HTTPError, ConnectionError)
 
 
-def docker(*args: str, capture: bool = False, check: bool = True, timeout: float | None = None):
-    return subprocess.run([DOCKER, *args], check=check, text=True, capture_output=capture, timeout=timeout)
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while a stage's container ran; its container is gone when this propagates."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signame = signal.Signals(signum).name
 
 
-def engine_answers() -> bool:
-    """Whether an engine answers `docker info` within a few seconds (a stuck socket counts as no)."""
+def connect(timeout: float = API_TIMEOUT_S) -> docker.DockerClient:
+    """A client of the engine DOCKER_HOST names (else the default socket); StageError when none answers."""
     try:
-        return docker("info", capture=True, check=False, timeout=15).returncode == 0
-    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return docker.from_env(timeout=timeout)
+    except DockerException as exc:
+        where = os.environ.get("DOCKER_HOST", "the default socket")
+        raise StageError(
+            f"no Docker engine answers at {where} ({_reason(exc)}); start one (`bash .ci/start-docker.sh` on "
+            "Debian), or run with --runtime local"
+        ) from None
+
+
+def engine_answers(timeout: float = 10) -> bool:
+    """Whether an engine answers a ping within `timeout` seconds (a stuck socket counts as no)."""
+    try:
+        return bool(connect(timeout).ping())
+    except (StageError, DockerException, *ENGINE_GONE):
         return False
 
 
-def image_meta(image: str) -> dict | None:
-    """`docker image inspect` of `image`, or None when there is no such image."""
-    proc = docker("image", "inspect", image, capture=True, check=False)
-    return json.loads(proc.stdout)[0] if proc.returncode == 0 else None
+def _reason(exc: BaseException) -> str:
+    """The root cause of an SDK or requests error, in a few words: requests wraps urllib3, which wraps the
+    socket's error (e.g. "No such file or directory" for a socket that is gone, "Connection refused")."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        inner = [a for a in exc.args if isinstance(a, BaseException)]
+        exc = inner[0] if inner else exc.__cause__
+    root = seen[-1]
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror
+    text = str(root).strip().splitlines()[-1] if str(root).strip() else type(root).__name__
+    return re.sub(r"\s+", " ", text)[:200]
 
 
-def image_id(image: str) -> str | None:
-    meta = image_meta(image)
-    return meta["Id"] if meta else None
+def image_meta(image: str, client: docker.DockerClient | None = None) -> dict | None:
+    """The engine's inspection of `image`, or None when there is no such image."""
+    try:
+        return (client or connect()).api.inspect_image(image)
+    except NotFound:
+        return None
 
 
 def dependency_layers(meta: dict) -> list[str]:
@@ -80,32 +127,179 @@ def source_digest() -> str:
     return keys.digest({p.relative_to(REPO).as_posix(): sha256_file(p) for p in files})
 
 
-def gpu_support() -> bool:
-    """Whether `--gpus` can work: the engine knows the nvidia runtime, or the toolkit's hook is installed."""
-    proc = docker("info", "--format", "{{json .Runtimes}}", capture=True, check=False)
-    runtimes = proc.stdout if proc.returncode == 0 else ""
-    return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
+def image_report() -> dict[str, dict]:
+    """Size and user of every built image (for the README's budget table and the tests)."""
+    client = connect()
+    report = {}
+    for key, image in IMAGES.items():
+        meta = image_meta(image, client)
+        if meta is not None:
+            report[key] = {"image": image, "id": meta["Id"], "size_bytes": meta["Size"], "user": meta["Config"]["User"]}
+    return report
+
+
+@contextmanager
+def _signals(handler) -> Iterator[None]:
+    """SIGINT and SIGTERM go to `handler` inside the block (only the main thread can take signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _docker_size(n: int) -> str:
+    """Bytes as a --memory value, rounded up: 1g, 768m."""
+    return f"{ceil(n / (1 << 30))}g" if n >= 1 << 30 else f"{ceil(n / (1 << 20))}m"
 
 
 class DockerRuntime(Runtime):
-    """Each stage in the image that holds its dependencies (StageSpec.image)."""
+    """Each stage in the image that holds its dependencies (StageSpec.image), as its service says."""
 
     name = "docker"
+
+    def __init__(
+        self,
+        limits: dict[str, Limits] | None = None,
+        gpus: str = "all",
+        user: str | None = None,
+        images: dict[str, str] | None = None,
+    ):
+        """limits: per stage (containers.parse_limits); gpus: 'all', 'none' or device ids '0,1' for the
+        services that reserve GPUs; user: 'UID:GID' (default: the invoking user); images: image key ->
+        name, for images under other names (default: containers.IMAGES)."""
+        self.limits = limits or {}
+        self.gpus = str(gpus)
+        self.user = user or f"{os.getuid()}:{os.getgid()}"
+        self.images = {**IMAGES, **(images or {})}
+        self._client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = connect()
+        return self._client
 
     def available(self) -> bool:
         return engine_answers()
 
     def describe(self) -> str:
-        return f"docker ({DOCKER}; images {', '.join(IMAGES.values())})"
+        try:
+            engine = "engine " + self.client.version().get("Version", "?")
+        except (StageError, DockerException, *ENGINE_GONE) as exc:
+            where = os.environ.get("DOCKER_HOST", "the default socket")
+            return f"docker: no engine answers at {where} ({_reason(exc.__context__ or exc)})"
+        shown = {stage: limits.describe() for stage, limits in self.limits.items()}
+        common = max(set(shown.values()), key=list(shown.values()).count) if shown else Limits().describe()
+        extra = "".join(f"; {stage}: {text}" for stage, text in shown.items() if text != common)
+        return f"docker ({engine}; {common}{extra})"
 
     def identity(self, spec: StageSpec) -> str:
-        meta = image_meta(IMAGES[spec.image])
+        """The image's dependency layers: limits, GPUs and the user are host settings, not in any key."""
+        meta = image_meta(self.images[spec.image], self.client)
         return keys.digest(dependency_layers(meta)) if meta else "missing"
 
     def command(self, spec: StageSpec, args: list[str]) -> list[str]:
-        key = spec.image
-        image = IMAGES[key]
-        meta = image_meta(image)
+        """The container's command: the same entry point as the local runtime's."""
+        return [*containers.service_for(spec).entrypoint(spec), *args]
+
+    def gpu_support(self) -> bool:
+        """Whether a GPU request can work: the engine knows the nvidia runtime, or the toolkit's hook is installed."""
+        runtimes = self.client.info().get("Runtimes") or {}
+        return "nvidia" in runtimes or shutil.which("nvidia-container-runtime-hook") is not None
+
+    # --- One stage's container -------------------------------------------------------------------
+
+    def container_config(self, spec: StageSpec, args: list[str], run: Path, *, gpus: bool) -> dict[str, Any]:
+        """The arguments of `containers.create` for `spec`: its service's settings, this host's limits."""
+        service = containers.service_for(spec)
+        root = Path.cwd()
+        limits = self.limits.get(spec.name, Limits())
+        env = {**service.env, **{k: os.environ[k] for k in service.passthrough if k in os.environ}}
+        config: dict[str, Any] = {
+            "image": self.images[service.image],
+            "command": self.command(spec, args),
+            "name": re.sub(r"[^A-Za-z0-9_.-]", "-", f"{names.PROJECT}-{run.name}-{spec.name}-{uuid.uuid4().hex[:8]}"),
+            "labels": {STAGE_LABEL: spec.name, RUN_LABEL: str(run)},
+            "user": self.user,
+            "working_dir": service.workdir,
+            "init": service.init,
+            "read_only": service.read_only,
+            "tmpfs": list(service.tmpfs),
+            "mounts": [
+                Mount(m.target, str(root / m.source), type="bind", read_only=m.read_only) for m in service.mounts
+            ],
+            "environment": env,
+            "detach": True,
+        }
+        if not service.network:
+            config["network_mode"] = "none"
+        if service.shm_size:
+            config["shm_size"] = service.shm_size
+        if gpus:
+            ids = {} if self.gpus == "all" else {"device_ids": self.gpus.split(",")}
+            count = {"count": -1} if self.gpus == "all" else {}
+            config["device_requests"] = [DeviceRequest(driver="nvidia", capabilities=[["gpu"]], **count, **ids)]
+        if limits.memory:
+            config["mem_limit"] = config["memswap_limit"] = limits.memory  # equal: no swap
+        if limits.cpus:
+            config["nano_cpus"] = int(limits.cpus * 1e9)
+        return config
+
+    def run_stage(self, spec: StageSpec, args: list[str], log_path: Path) -> int:
+        service = containers.service_for(spec)
+        self._check_image(service.image)
+        self._check_mount_sources(service)
+        run = log_path.resolve().parents[1]  # layout.log_path: <run>/logs/<stage>.log
+        self.remove_leftovers(run)
+        gpus = service.gpus and self.gpus != "none" and self.gpu_support()
+        config = self.container_config(spec, args, run, gpus=gpus)
+        limits = self.limits.get(spec.name, Limits())
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("w") as log, _signals(_raise_interrupted):
+            where = f"[{config['name']} {config['image']}; {limits.describe()}]"
+            log.write(f"$ {where} " + " ".join(config["command"]) + "\n")
+            log.flush()
+            done = removed = False
+            try:
+                container = self.client.containers.create(**config)
+                container.start()
+                self._stream(container, f"{spec.name} | ", log)
+                status = container.wait()["StatusCode"]
+                done = True
+                if self.client.api.inspect_container(container.id)["State"].get("OOMKilled"):
+                    raise StageError(self._oom_message(spec, limits, status))
+                return status
+            except Interrupted as exc:
+                took, removed = self._remove(config["name"], stop=True), True
+                line = f"✗ {spec.name}: interrupted by {exc.signame}; container {config['name']} "
+                line += f"stopped and removed in {took:.1f} s" if took is not None else "could not be removed"
+                self._emit(line + "; the next run starts the stage afresh", "", log)
+                raise
+            except ENGINE_GONE as exc:
+                raise StageError(
+                    f"the Docker engine stopped answering while stage {spec.name} ran ({_reason(exc)}); its "
+                    f"container {config['name']} may still be running: the next `invoke pipeline` removes it "
+                    "once the engine is back"
+                ) from None
+            except APIError as exc:
+                why = exc.explanation
+                raise StageError(f"the Docker engine refused stage {spec.name}'s container: {why}") from None
+            finally:
+                if not removed:
+                    self._remove(config["name"], stop=not done)
+
+    def _check_image(self, key: str) -> None:
+        image = self.images[key]
+        meta = image_meta(image, self.client)
         if meta is None:
             raise StageError(f"image {image} not found; build it with `invoke build --stage {key}`")
         built_from = (meta["Config"].get("Labels") or {}).get(SOURCE_LABEL)
@@ -114,134 +308,69 @@ class DockerRuntime(Runtime):
                 f"image {image} holds other code than stages/ here (built from {str(built_from)[:12]}); "
                 f"rebuild it with `invoke build --stage {key}`"
             )
-        cwd = Path.cwd()
-        for sub in (names.RUNS_DIR, names.CACHE_DIR):
-            (cwd / sub).mkdir(exist_ok=True)
-            if not os.access(cwd / sub, os.W_OK):
-                raise StageError(f"{cwd / sub} is not writable by uid {os.getuid()}; fix its owner or permissions")
-        # --init: python is not PID 1, so docker stop and Ctrl-C reach it; --read-only: only the mounts
-        # and /tmp are writable (HOME and the caches point there, see the Dockerfiles).
-        cmd = [DOCKER, "run", "--rm", "--init", "--user", f"{os.getuid()}:{os.getgid()}"]
-        cmd += ["--read-only", "--tmpfs", "/tmp:exec", "--workdir", "/work"]
-        for sub in (names.RUNS_DIR, names.CACHE_DIR):
-            cmd += ["-v", f"{cwd / sub}:/work/{sub}"]
-        if (cwd / "data").is_dir():
-            cmd += ["-v", f"{cwd / 'data'}:/work/data:ro"]
-        if spec.offline:
-            cmd += ["--network", "none", "-e", "HF_HUB_OFFLINE=1"]
-        if key == specs.TRAIN_IMAGE:
-            cmd += ["--shm-size", "8g"]  # NCCL and DataLoader workers share memory through /dev/shm (64 MB)
-            if "HF_TOKEN" in os.environ:
-                cmd += ["-e", "HF_TOKEN"]  # by name: the value stays in this process's environment
-            gpus = os.environ.get("KILN_GPUS", "all")
-            if gpus != "none" and gpu_support():
-                cmd += ["--gpus", gpus]
-        return [*cmd, image, "python", "-m", spec.module, *args]
 
+    def _check_mount_sources(self, service: containers.Service) -> None:
+        """Mount sources exist (the engine would create them as root) and the writable ones are writable."""
+        for mount in service.mounts:
+            path = Path.cwd() / mount.source
+            path.mkdir(exist_ok=True)
+            if not mount.read_only and not os.access(path, os.W_OK):
+                raise StageError(f"{path} is not writable by uid {os.getuid()}; fix its owner or permissions")
 
-def build_image(
-    image: str,
-    *,
-    base: str | None = None,
-    torch_index_url: str | None = None,
-    ca_bundle: Path | None = None,
-    jobs: int | None = None,
-) -> str:
-    """Build one of IMAGES with BuildKit; returns the image ID."""
-    if image not in IMAGES:
-        raise StageError(f"unknown image {image!r}; expected one of {', '.join(IMAGES)}")
-    (REPO / WHEELS).mkdir(parents=True, exist_ok=True)  # bind-mounted by the CPU images, may be empty
-    cmd = [DOCKER, "build", "-f", str(REPO / "images" / f"{image}.Dockerfile"), "-t", IMAGES[image]]
-    if base:
-        cmd += ["--build-arg", f"BASE_IMAGE={base}"]
-    if torch_index_url is not None:
-        cmd += ["--build-arg", f"TORCH_INDEX_URL={torch_index_url}"]
-    if jobs:
-        cmd += ["--build-arg", f"JOBS={jobs}"]
-    cmd += ["--build-arg", f"KILN_SOURCE={source_digest()}"]
-    if ca_bundle:
-        if not ca_bundle.is_file():
-            raise StageError(f"--ca-bundle {ca_bundle} not found; pass the PEM file your proxy's CA is in")
-        cmd += ["--secret", f"id=ca,src={ca_bundle}"]  # a BuildKit secret: never in a layer
-    cmd.append(str(REPO))
-    subprocess.run(cmd, check=True, env=_buildkit_env())
-    return image_id(IMAGES[image]) or ""
+    def remove_leftovers(self, run: Path) -> None:
+        """Containers of this run left by an orchestrator that was killed outright: still writing, so removed."""
+        for old in self.client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={run}"}):
+            old.remove(force=True)
+            print(f"removed container {old.name}, left running by an earlier run of {run.name}")
 
+    def _remove(self, name: str, *, stop: bool) -> float | None:
+        """Stop (SIGTERM, STOP_GRACE_S, SIGKILL) and remove container `name`; the seconds it took, or None
+        when the engine did not answer. A second Ctrl-C does not cut this short."""
+        t0 = time.monotonic()
+        with _signals(signal.SIG_IGN):
+            try:
+                container = self.client.containers.get(name)
+                if stop:
+                    container.stop(timeout=STOP_GRACE_S)
+                container.remove(force=True)
+            except NotFound:
+                pass
+            except (DockerException, *ENGINE_GONE):
+                return None
+        return time.monotonic() - t0
 
-def _buildkit_env() -> dict[str, str]:
-    return {**os.environ, "DOCKER_BUILDKIT": "1"}
+    @staticmethod
+    def _emit(text: str, prefix: str, log) -> None:
+        line = f"{prefix}{text}\n"
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        log.write(line)
+        log.flush()
 
+    def _stream(self, container, prefix: str, log) -> None:
+        """The container's stdout and stderr, as they come, line by line with `prefix`."""
+        pending = b""
+        try:
+            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self._emit(line.decode("utf-8", "replace").rstrip("\r"), prefix, log)
+        finally:  # an unfinished last line, also when interrupted
+            if pending:
+                self._emit(pending.decode("utf-8", "replace").rstrip("\r"), prefix, log)
 
-# What Debian's own container images (debuerreotype's "slim" variant) set in the rootfs: no docs, man
-# pages or translations from later installs, and apt keeps no package files or caches in a layer.
-SLIM_FILES = {
-    "etc/dpkg/dpkg.cfg.d/kiln-slim": (
-        "path-exclude /usr/share/doc/*\n"
-        "path-include /usr/share/doc/*/copyright\n"
-        "path-exclude /usr/share/man/*\n"
-        "path-exclude /usr/share/info/*\n"
-        "path-exclude /usr/share/locale/*\n"
-        "path-exclude /usr/share/lintian/*\n"
-    ),
-    "etc/apt/apt.conf.d/kiln-clean": (
-        'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
-        'APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };\n'
-        'Dir::Cache::pkgcache "";\n'
-        'Dir::Cache::srcpkgcache "";\n'
-        'Acquire::Languages "none";\n'
-    ),
-}
-SLIM_GLOBS = ("usr/share/man/*", "usr/share/info/*", "usr/share/locale/*", "var/cache/apt/*.bin")
-
-
-def _slim_rootfs(rootfs: Path, suite: str, mirror: str) -> None:
-    """Apply SLIM_FILES, drop what they would have kept out, and add the suite's updates and security."""
-    for rel, text in SLIM_FILES.items():
-        (rootfs / rel).write_text(text)
-    doomed = [path for pattern in SLIM_GLOBS for path in rootfs.glob(pattern)]
-    doomed += [doc for doc in rootfs.glob("usr/share/doc/*/*") if doc.name != "copyright"]
-    for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):  # files only: apt needs partial/ and lock
-        doomed += [path for path in (rootfs / folder).glob("*") if path.is_file() and path.name != "lock"]
-    for path in doomed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)  # doc folders may be symlinks to one another
-    security = mirror.rstrip("/").removesuffix("/debian") + "/debian-security"
-    (rootfs / "etc/apt/sources.list").write_text(
-        f"deb {mirror} {suite} main\ndeb {mirror} {suite}-updates main\ndeb {security} {suite}-security main\n"
-    )
-
-
-def make_base_image(
-    tag: str = LOCAL_BASE, suite: str = "bookworm", mirror: str = "http://deb.debian.org/debian"
-) -> str:
-    """A python3 Debian base without any registry: debootstrap, docker import, then python3 + venv.
-
-    The rootfs (ROOTFS) is made once and reused; delete that image to make it again.
-    """
-    if image_id(ROOTFS) is None:
-        if shutil.which("debootstrap") is None:
-            raise StageError("debootstrap not found; apt-get install debootstrap")
-        with tempfile.TemporaryDirectory() as tmp:
-            rootfs = Path(tmp) / "rootfs"
-            subprocess.run(["debootstrap", "--variant=minbase", suite, str(rootfs), mirror], check=True)
-            _slim_rootfs(rootfs, suite, mirror)
-            tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-            subprocess.run([DOCKER, "import", "--change", 'CMD ["bash"]', "-", ROOTFS], stdin=tar.stdout, check=True)
-            if tar.wait() != 0:
-                raise StageError("tar of the debootstrap rootfs failed")
-    cmd = [DOCKER, "build", "-f", str(REPO / "images" / "base.Dockerfile"), "--build-arg", f"ROOTFS_IMAGE={ROOTFS}"]
-    subprocess.run([*cmd, "-t", tag, str(REPO)], check=True, env=_buildkit_env())
-    return tag
-
-
-def image_report() -> dict[str, dict]:
-    """Size and user of every built image (for the README's budget table and the tests)."""
-    report = {}
-    for key, image in IMAGES.items():
-        meta = image_meta(image)
-        if meta is None:
-            continue
-        report[key] = {"image": image, "id": meta["Id"], "size_bytes": meta["Size"], "user": meta["Config"].get("User")}
-    return report
+    @staticmethod
+    def _oom_message(spec: StageSpec, limits: Limits, status: int) -> str:
+        if limits.memory:
+            more = _docker_size(2 * limits.memory)
+            return (
+                f"stage {spec.name} ran out of memory: the kernel killed its container at its "
+                f"{human_bytes(limits.memory)} limit (swap off; exit {status}); give it more with "
+                f"`invoke pipeline --memory {spec.name}={more}` (or kiln.docker.memory in invoke.yaml), "
+                "or make the stage need less (a smaller batch, a smaller model)"
+            )
+        return (
+            f"stage {spec.name} ran out of memory: the kernel killed its container (exit {status}) with no "
+            "container limit set, so the host itself ran out; free memory, or make the stage need less"
+        )

@@ -20,6 +20,7 @@ EVALUATE = "evaluate"
 # Folders and files inside runs/<run-name>/.
 RUNS_DIR = "runs"
 CACHE_DIR = "cache"
+DATA_DIR = "data"  # the user's own data files; containers see it read-only
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 GGUF_DIR = "gguf"

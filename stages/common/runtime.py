@@ -72,9 +72,11 @@ class LocalRuntime(Runtime):
         return [sys.executable, "-m", spec.module, *args]
 
 
-def get_runtime(name: str) -> Runtime:
+def get_runtime(name: str, **options) -> Runtime:
+    """The runtime registered as `name`, made with `options` (the docker runtime's limits, GPUs)."""
     try:
-        return Runtime.registry[name]()
+        cls = Runtime.registry[name]
     except KeyError:
         known = ", ".join(sorted(Runtime.registry))
         raise ValueError(f"unknown runtime {name!r}; expected one of: {known}") from None
+    return cls(**options)

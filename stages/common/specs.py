@@ -1,7 +1,7 @@
 """The pipeline's stages, each declared once: what it reads, what it consumes, where it runs.
 
 Everything else is derived from STAGES: the build graph and its keys (pipeline.py), the image a
-stage runs in (docker_runtime.py), which stages need llama.cpp on the host (tasks.py), the
+stage runs in (containers.py), which stages need llama.cpp on the host (tasks.py), the
 compose services (checked by tests/test_specs.py) and each stage's memory preflight. What a
 stage's key covers, and so what rebuilds it, is read here:
 
