@@ -417,6 +417,7 @@ def test_demo_cpu_stages_as_a_uid_without_an_account(docker_demo, tmp_path, monk
     shutil.copytree(ROOT / model, project / model)
     shutil.copytree(src.adapter, dest.adapter)
     shutil.copy2(src.config, dest.config)
+    shutil.copy2(src.split, dest.split)  # the train manifest lists it: merge refuses a run without it
     dest.manifest(names.TRAIN).parent.mkdir()
     shutil.copy2(src.manifest(names.TRAIN), dest.manifest(names.TRAIN))
     for folder in (names.CACHE_DIR, names.DATA_DIR):

@@ -269,7 +269,7 @@ def test_unknown_quant_type_fails_before_any_work(tmp_path, tiny_mistral, capsys
     cfg_path, run_dir = make_run(tmp_path, tiny_mistral, "badq", gguf={"quant_types": ["Q4_K_M", "Q4_K_X"]})
     assert run(quantize, cfg_path, run_dir) == EXIT_STAGE_ERROR
     err = one_line(capsys.readouterr().err)
-    assert "unknown 'Q4_K_X'" in err and "Q8_0" in err  # names the bad one and the valid ones
+    assert "'Q4_K_X' is not a quant type" in err and "Q8_0" in err  # names the bad one and the valid ones
     assert "convert" not in err  # refused before looking for the f16 file
     assert not layout(run_dir).gguf_dir.exists()
 
