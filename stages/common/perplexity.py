@@ -124,7 +124,7 @@ def hf_reference(model_dir: Path, chunks: list[list[int]], logits: Path) -> dict
         list(saved_tokens[i, 1:]) != c[1:] for i, c in enumerate(chunks)
     ):
         raise StageError(f"{logits.name} holds other tokens than the held-out chunks; remake it (rerun convert)")
-    stats = next_token_stats(model_dir, chunks, start=first)
+    stats = next_token_stats(model_dir, chunks, start=first, log=lambda line: console.print(f"merged HF model: {line}"))
     hf_top1 = np.concatenate([a.numpy() for a in stats.argmax])
     gguf_top1 = np.asarray(saved).argmax(axis=1)
     return {

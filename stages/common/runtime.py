@@ -7,6 +7,7 @@ valid for the other. This module imports no ML library: the orchestrator stays f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,11 @@ class Runtime:
         with log_path.open("w") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            # Unbuffered: a stage's progress lines reach the console as they are printed, not in blocks.
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+            )
             assert proc.stdout is not None
             for line in proc.stdout:
                 sys.stdout.write(line)
