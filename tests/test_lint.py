@@ -164,6 +164,8 @@ def test_ci_builds_the_images_invoke_build_builds():
     assert {f: b["tags"] for f, b in builds.items()} == expected
     for build in builds.values():
         assert build["context"] == "." and build["load"] is True
+        # the label a stage checks the image's code against
+        assert "KILN_SOURCE=${{ steps.source.outputs.digest }}" in build["build-args"]
     prepared = " ".join(s.get("run", "") for s in job["steps"])
     assert f"mkdir -p {docker_build.WHEELS.as_posix()}" in prepared, "the CPU images bind-mount WHEELS"
 
