@@ -359,7 +359,8 @@ def build(
     if torch_wheels:
         b.WHEELS.mkdir(parents=True, exist_ok=True)
         for whl in Path(torch_wheels).glob("*.whl"):
-            shutil.copy2(whl, b.WHEELS / whl.name)
+            if not (b.WHEELS / whl.name).exists() or not whl.samefile(b.WHEELS / whl.name):
+                shutil.copy2(whl, b.WHEELS / whl.name)
     options = {
         "client": client or cfg.client,
         "base": base or cfg.base,

@@ -119,13 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runtime", choices=("local", "docker"), default="local")
     p.add_argument("--memory", default=None, help="docker: memory limit per container, e.g. 16g (swap off)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value for this run (repeatable), as invoke pipeline --set",
+    )
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--keep-run", action="store_true", help="keep the run folder afterwards (it holds ~18 GB)")
     args = p.parse_args(argv)
 
     before = hardware()
     prepared = inputs()
-    cfg = load_config(CONFIG)
+    cfg = load_config(CONFIG, args.overrides)
     run_dir = ROOT / names.RUNS_DIR / f"{cfg.run_name}-{args.runtime}"
     shutil.rmtree(run_dir, ignore_errors=True)
     base_gguf = cache_dir() / "gguf"
@@ -133,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     cmd += ["--run-dir", str(run_dir.relative_to(ROOT)), "--runtime", args.runtime]
     if args.memory:
         cmd += ["--memory", args.memory]
+    cmd += [a for o in args.overrides for a in ("--set", o)]
     started = datetime.now(UTC)
     t0 = time.monotonic()
     with ProcessWatch() as watch, DiskWatch([run_dir, base_gguf]) as disk:
         proc = subprocess.run([sys.executable, "-m", "invoke", *cmd], cwd=ROOT)
     wall = time.monotonic() - t0
-    summary = json.loads(RunLayout(run_dir, cfg.run_name).summary_json.read_text())
+    summary_path = RunLayout(run_dir, cfg.run_name).summary_json
+    if not summary_path.is_file():  # refused before any stage ran (preflight printed why)
+        print(f"no stage ran (invoke exited {proc.returncode}); nothing to record", file=sys.stderr)
+        return proc.returncode or 1
+    summary = json.loads(summary_path.read_text())
     stages = stage_rows(run_dir, summary, watch)
     base_bytes = sum(f.stat().st_size for f in FIXTURE.glob("*.safetensors"))
     result = {
@@ -149,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": proc.returncode,
         "runtime": args.runtime,
         "memory_limit": args.memory,
+        "overrides": args.overrides,
         "host": {**before, "load_average_during": watch.loads},
         "versions": package_versions(),
         "inputs": prepared,
@@ -164,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    out = args.results / f"scale-7b-{args.runtime}{'-' + args.memory if args.memory else ''}-{stamp}.json"
+    tag = f"{args.runtime}{'-' + args.memory if args.memory else ''}{'-set' if args.overrides else ''}"
+    out = args.results / f"scale-7b-{tag}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)
