@@ -270,12 +270,10 @@ def usable_bytes(free: int, context_counted: bool) -> int:
 
 def with_overrides(cfg, overrides: list[str]):
     """`cfg` with `--set`-style overrides applied on top (a new, validated PipelineConfig)."""
-    from stages.common.config import _set_dotted, parse_overrides, validate_config
+    from stages.common.config import validate_config
+    from stages.common.config_tree import apply_overrides
 
-    tree = cfg.model_dump(mode="json")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
-    return validate_config(tree, source="profile")
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides), source="profile")
 
 
 def candidates(cfg) -> list[tuple[str | None, object]]:
