@@ -8,110 +8,15 @@ Defaults (the `kiln` settings: pipeline config, runtime, image build options) ar
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 from invoke import Collection, Exit, task
 
-from stages.common import names, specs
+from stages.common import names, orchestrate
 from stages.common.containers import BUILD_ARGS
 
 ROOT = Path(__file__).resolve().parent
-PY = sys.executable
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False)
-
-
-def _load(c, config: str | None, overrides: list[str], profile: str | None = None):
-    from stages.common.config import load_config
-    from stages.common.errors import StageError
-    from stages.common.profiles import profile_overrides
-
-    path = config or c.kiln.config
-    try:
-        return load_config(path, [*profile_overrides(_pick_profile(path, overrides, profile)), *overrides])
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
-
-
-def _pick_profile(path: str, overrides: list[str], profile: str | None) -> str | None:
-    """`profile`, or for `auto` the fastest measured one that fits the visible GPU (said out loud)."""
-    from stages.common.config import load_config
-    from stages.common.profiles import AUTO, profile_overrides
-
-    if profile != AUTO:
-        return profile
-    from stages.common.gpu_fit import auto_profile
-
-    picked, said = auto_profile(lambda p: load_config(path, [*profile_overrides(p), *overrides]))
-    _console().print(said)
-    return picked
-
-
-def _check(cfg, run_dir: Path, runtime_name: str, start_at: str | None = None) -> None:
-    """Run every up-front check; print each finding on one line; Exit(2) when any is an error."""
-    from stages.common.checks import ERROR, OK, run_checks
-
-    findings = run_checks(cfg, run_dir, start_at=start_at, runtime=runtime_name)
-    out = _console()
-    for f in findings:
-        if f.level != ERROR:
-            out.print(f"{'ok' if f.level == OK else 'note'}: {f.line()}", markup=False, soft_wrap=True)
-    errors = [f for f in findings if f.level == ERROR]
-    for f in errors:
-        print(f"error: {f.line()}", file=sys.stderr)
-    if errors:
-        raise Exit(f"{len(errors)} problem(s) found before any stage started; fix them and run again", code=2)
-
-
-def _runtime(c, name: str | None, memory=None, cpus=None):
-    """The runtime asked for, or docker when an engine answers and local otherwise. memory and cpus: the
-    containers' limits, added to kiln.docker.memory and .cpus ('16g' for every stage, 'merge=24g' for one)."""
-    from stages.common.containers import parse_limits
-    from stages.common.errors import StageError
-    from stages.common.runtime import get_runtime
-
-    _register_docker()
-    choice = name or c.kiln.runtime
-    if choice == "auto":
-        docker = _docker_runtime_or_none()
-        choice = "docker" if docker is not None and docker.available() else "local"
-    if choice != "docker" and (memory or cpus):
-        raise Exit("error: --memory and --cpus limit containers; they go with --runtime docker", code=2)
-    try:
-        options = {}
-        if choice == "docker":
-            d = c.kiln.docker
-            limits = parse_limits([*_listed(d.memory), *(memory or [])], [*_listed(d.cpus), *(cpus or [])])
-            options = {"limits": limits, "gpus": d.gpus}
-        runtime = get_runtime(choice, **options)
-    except ValueError as exc:
-        raise Exit(f"error: --runtime: {exc}", code=2) from None
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
-    if not runtime.available():
-        raise Exit(f"error: the {choice} runtime is not available here ({runtime.describe()}); try --runtime local", 2)
-    return runtime
-
-
-def _listed(value) -> list[str]:
-    """An invoke setting given as one value or a list of them."""
-    return [] if value is None else [str(value)] if isinstance(value, str | int | float) else [str(v) for v in value]
-
-
-def _register_docker() -> None:
-    import stages.common.docker_runtime  # noqa: F401  (registers the "docker" runtime)
-
-
-def _docker_runtime_or_none():
-    from stages.common.runtime import Runtime
-
-    cls = Runtime.registry.get("docker")
-    return cls() if cls else None
+PY = orchestrate.PY
 
 
 @task(
@@ -143,37 +48,9 @@ def pipeline(
     cpus=None,
 ):
     """Run the whole pipeline: prepare, train, merge, convert, quantize, report, smoke, evaluate."""
-    from stages.common import pipeline as graph
-    from stages.common.errors import StageError
-
-    cfg = _load(c, config, set_ or [], profile)
-    rt = _runtime(c, runtime, memory, cpus)
-    out = _console()
-    run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
-    out.print(f"[bold]run[/bold] {run}  [bold]runtime[/bold] {rt.describe()}")
-    _check(cfg, run, rt.name, start_at=names.MERGE if adapter else from_)
-    try:
-        if adapter:
-            if from_ not in (None, names.MERGE):
-                raise StageError("--adapter goes with --from merge (the adapter replaces the train stage)")
-            from_ = names.MERGE
-            graph.import_adapter(run, Path(adapter))
-            out.print(f"= train: adapter imported from {adapter}")
-        if rt.name == "local" and any(s.llama_cpp for s in specs.enabled(cfg)):
-            _ensure_llama_cpp(c)
-        results = graph.run_pipeline(cfg, run, rt, force=set(force or []), start_at=from_, announce=out.print)
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
-    except KeyboardInterrupt as exc:  # the docker runtime has removed the stage's container by now
-        import signal
-
-        signame = str(exc) if str(exc) in signal.Signals.__members__ else "SIGINT"
-        code = 128 + signal.Signals[signame]  # as the shell reports a process killed by it
-        raise Exit(f"error: interrupted ({signame}); `invoke pipeline` again goes on from here", code=code) from None
-    summary = graph.summarize(cfg, run, results)
-    _print_summary(out, summary)
-    if any(r.status == "failed" for r in results):
-        raise Exit(code=1)
+    cfg = orchestrate.load(c, config, set_ or [], profile)
+    rt = orchestrate.runtime(c, runtime, memory, cpus)
+    orchestrate.run_pipeline(c, cfg, rt, orchestrate.run_dir_of(cfg, run_dir), force, from_, adapter)
 
 
 @task(
@@ -188,28 +65,9 @@ def pipeline(
 )
 def check(c, config=None, set_=None, profile=None, run_dir=None, runtime=None):
     """Check data, model, GPU and disk before any heavy work: one line per problem, nothing runs."""
-    cfg = _load(c, config, set_ or [], profile)
-    run = Path(run_dir) if run_dir else Path(names.RUNS_DIR) / cfg.run_name
-    _check(cfg, run, _runtime(c, runtime).name)
-    _console().print("all checks passed")
-
-
-def _print_summary(out, summary) -> None:
-    from rich.table import Table
-
-    from stages.common.pipeline import flat_metrics, human_size
-
-    table = Table(title=f"run {summary['run_name']}", show_lines=False)
-    for col in ("stage", "status", "seconds", "artifacts", "metrics"):
-        table.add_column(col)
-    for r in summary["stages"]:
-        arts = "\n".join(
-            f"{k} ({human_size(v)})" for k, v in r["outputs"].items() if k.endswith((".gguf", "safetensors"))
-        )
-        mets = "\n".join(f"{k}={v}" for k, v in flat_metrics(r["metrics"], limit=4).items())
-        table.add_row(r["stage"], r["status"], f"{r['seconds']:.1f}", arts, mets)
-    out.print(table)
-    out.print(f"summary: {summary['run_dir']}/{names.SUMMARY_MD}")
+    cfg = orchestrate.load(c, config, set_ or [], profile)
+    orchestrate.check(cfg, orchestrate.run_dir_of(cfg, run_dir), orchestrate.runtime(c, runtime).name)
+    orchestrate.console().print("all checks passed")
 
 
 @task(
@@ -224,30 +82,7 @@ def _print_summary(out, summary) -> None:
 )
 def status(c, config=None, set_=None, run=None, runtime=None, profile=None):
     """Show each stage of a run: up to date, stale (and why), missing or failed."""
-    from rich.table import Table
-
-    from stages.common import pipeline as graph
-
-    run_dir = Path(run) if run else None
-    if run_dir is not None and (run_dir / names.RUN_CONFIG).is_file() and config is None:
-        config = str(run_dir / names.RUN_CONFIG)
-    cfg = _load(c, config, set_ or [], profile)
-    run_dir = run_dir or Path(names.RUNS_DIR) / cfg.run_name
-    rt = _runtime(c, runtime)
-    table = Table(title=f"{run_dir} ({rt.name} runtime)")
-    for col in ("stage", "state", "why"):
-        table.add_column(col)
-    for spec in specs.enabled(cfg):
-        st = graph.stage_state(spec, cfg, run_dir, rt)
-        table.add_row(st.stage, st.state, st.why)
-    _console().print(table)
-
-
-def _ensure_llama_cpp(c) -> None:
-    from stages.common import llamacpp
-
-    if not llamacpp.is_built():
-        c.run(f"{PY} -m stages.common.llamacpp build", echo=True)
+    orchestrate.print_status(c, config, set_ or [], run, runtime, profile)
 
 
 @task(help={"prefix": "install prefix (default: cache/llama.cpp/<version>)", "jobs": "parallel compile jobs"})
@@ -284,18 +119,6 @@ def setup(c):
 def stage(c, stage, config=None, set_=None, gpus=1, profile=None, nodes=1, node_rank=None, main_address=None,
           main_port=None):  # fmt: skip
     """Run one stage locally, outside the build graph (no cache check)."""
-    from stages.common.errors import StageError
-    from stages.common.profiles import profile_overrides
-
-    try:
-        stage = specs.spec(stage).name
-    except ValueError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
-    cfg_path = config or c.kiln.config
-    try:
-        overrides = [*profile_overrides(_pick_profile(cfg_path, set_ or [], profile)), *(set_ or [])]
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
     launch = {
         "gpus": gpus,
         "nodes": nodes,
@@ -303,15 +126,7 @@ def stage(c, stage, config=None, set_=None, gpus=1, profile=None, nodes=1, node_
         "main_address": main_address,
         "main_port": main_port,
     }
-    if stage == names.TRAIN:
-        overrides += [f"training.{k}={v}" for k, v in launch.items() if v is not None and (k, v) not in DEFAULT_LAUNCH]
-    elif int(gpus) > 1 or int(nodes) > 1:
-        raise Exit(f"error: --gpus/--nodes apply to the train stage only, not {stage}", code=2)
-    sets = " ".join(f"--set {s}" for s in overrides)
-    c.run(f"{PY} -m stages.{stage} --config {cfg_path} {sets}", echo=True, pty=False)
-
-
-DEFAULT_LAUNCH = {("gpus", 1), ("nodes", 1)}  # left to the config file unless given
+    c.run(orchestrate.stage_command(c, stage, config, set_ or [], profile, launch), echo=True, pty=False)
 
 
 @task(
@@ -352,30 +167,7 @@ def build(
     c, stage=None, base=None, torch_index_url=None, torch_wheels=None, ca_bundle=None, client=None, compose=False
 ):
     """Build the stage images (train, merge, gguf) with BuildKit."""
-    from stages.common import docker_build as b
-    from stages.common.errors import StageError
-
-    cfg = c.kiln.docker
-    if torch_wheels:
-        b.WHEELS.mkdir(parents=True, exist_ok=True)
-        for whl in Path(torch_wheels).glob("*.whl"):
-            if not (b.WHEELS / whl.name).exists() or not whl.samefile(b.WHEELS / whl.name):
-                shutil.copy2(whl, b.WHEELS / whl.name)
-    options = {
-        "client": client or cfg.client,
-        "base": base or cfg.base,
-        "torch_index_url": cfg.torch_index_url if torch_index_url is None else torch_index_url,
-        "ca_bundle": Path(ca_bundle or cfg.ca_bundle) if (ca_bundle or cfg.ca_bundle) else None,
-    }
-    images = [stage] if stage else list(specs.IMAGES)
-    try:
-        if compose:
-            b.compose_build(images, **options)
-        for image in images:
-            image_id = b.image_meta(b.IMAGES[image])["Id"] if compose else b.build_image(image, **options)
-            print(f"{b.IMAGES[image]}: {image_id}")
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
+    orchestrate.build_images(c, stage, base, torch_index_url, torch_wheels, ca_bundle, client, compose)
 
 
 @task(
@@ -387,28 +179,15 @@ def build(
 def base_image(c, tag=None, client=None):
     """Make a python3 Debian base image locally (debootstrap + docker import), for hosts without a registry."""
     from stages.common import docker_build as b
-    from stages.common.errors import StageError
 
-    try:
+    with orchestrate.exit_on_error():
         print(b.make_base_image(tag or b.LOCAL_BASE, client=client or c.kiln.docker.client))
-    except StageError as exc:
-        raise Exit(f"error: {exc}", code=2) from None
 
 
 @task(help={"check": "only compare: exit 1 when compose.yaml differs from what the runtime runs"})
 def compose(c, check=False):
     """Write compose.yaml from the runtime's container settings (stages/common/containers.py)."""
-    from stages.common.containers import compose_text
-
-    path = ROOT / "compose.yaml"
-    text = compose_text()
-    if check:
-        if not path.is_file() or path.read_text() != text:
-            raise Exit(f"error: {path.name} differs from stages/common/containers.py; run `invoke compose`", code=1)
-        print(f"{path.name} is up to date")
-        return
-    path.write_text(text)
-    print(f"wrote {path.name}")
+    orchestrate.write_compose(ROOT / "compose.yaml", check)
 
 
 @task(help={"run": "run folder to delete, e.g. runs/demo"})
@@ -425,16 +204,6 @@ def clean(c, run):
 # --- Dependency lock, CI and release (the GitHub workflows call these; so can you) -------------
 
 
-def _uv() -> list[str]:
-    import importlib.util
-
-    if importlib.util.find_spec("uv") is not None:
-        return [PY, "-m", "uv"]
-    if shutil.which("uv"):
-        return ["uv"]
-    raise Exit("error: `invoke lock` runs uv, which is not installed; pip install -e '.[dev]' (or pip install uv)", 2)
-
-
 @task(
     help={
         "index_url": "package index to resolve against (default: PyPI)",
@@ -443,28 +212,7 @@ def _uv() -> list[str]:
 )
 def lock(c, index_url="https://pypi.org/simple", output=None):
     """Re-resolve every Python dependency (pyproject and all extras) and rewrite the constraints file."""
-    import os
-    import shlex
-    import tempfile
-
-    from stages.common import lockfile
-
-    env = lockfile.uv_env(dict(os.environ))
-    uv = _uv()
-    with tempfile.TemporaryDirectory() as work:
-        current, pins, request = lockfile.lock(
-            ROOT,
-            Path(output) if output else ROOT / lockfile.CONSTRAINTS,
-            Path(work),
-            index_url,
-            lambda cmd: c.run(shlex.join(cmd), echo=True, env=env, replace_env=True),
-            uv,
-        )
-    changed = lockfile.changes(current, pins)
-    target = output or lockfile.CONSTRAINTS
-    print(f"{target}: {len(pins)} pins, {len(changed)} changed" + "".join(f"\n  {line}" for line in changed))
-    if request.holds:
-        print(f"held: {', '.join(request.holds)} (HOLD in stages/common/lockfile.py says why)")
+    orchestrate.lock(c, ROOT, index_url, output)
 
 
 @task
@@ -487,28 +235,7 @@ def ci_free_disk(c):
 )
 def ci_report(c, run=None, out="build/ci-report"):
     """Collect a run's summary, manifests, logs and scores (and image sizes) into one folder for CI."""
-    from stages.common import ci
-
-    run_dir = Path(run) if run else Path(names.RUNS_DIR) / _load(c, None, []).run_name
-    if not run_dir.is_dir():
-        raise Exit(f"error: no run folder {run_dir} (did the pipeline start?)", code=1)
-    _register_docker()
-    docker = _docker_runtime_or_none()
-    images = None
-    if docker is not None and docker.available():
-        from stages.common.docker_runtime import image_report
-
-        images = image_report()
-    dest = Path(out)
-    ci.append_github_file("GITHUB_STEP_SUMMARY", ci.collect_run(run_dir, dest, images))
-    print(f"collected {run_dir} into {dest}: {', '.join(sorted(p.name for p in dest.iterdir()))}")
-
-
-def _registry_refs(registry: str) -> dict[str, str]:
-    from stages.common import ci
-    from stages.common.docker_runtime import IMAGES
-
-    return ci.registry_refs(registry, IMAGES)
+    orchestrate.ci_report(c, run, out)
 
 
 @task(help={"registry": "registry and namespace, e.g. ghcr.io/OWNER"})
@@ -518,7 +245,7 @@ def release_matrix(c, registry):
 
     from stages.common import ci
 
-    text = json.dumps(ci.release_matrix(_registry_refs(registry)))
+    text = json.dumps(ci.release_matrix(orchestrate.registry_refs(registry)))
     print(text)
     ci.append_github_file("GITHUB_OUTPUT", f"matrix={text}\n")
 
@@ -534,30 +261,7 @@ def release_matrix(c, registry):
 )
 def release_notes(c, registry, tag, repo=None, out="build/release-notes.md", publish=False):
     """Write release notes with each image's digest (read from the registry); optionally publish the release."""
-    import json
-    import os
-
-    from stages.common import ci
-
-    version = tag.removeprefix("v")
-    refs = _registry_refs(registry)
-    digests = {}
-    for key, ref in refs.items():
-        probe = c.run(
-            f"docker buildx imagetools inspect {ref}:{version} --format '{{{{json .Manifest}}}}'", hide=True, warn=True
-        )
-        if not probe.ok:
-            raise Exit(f"error: cannot read {ref}:{version} from the registry: {probe.stderr.strip()}", code=1)
-        digests[key] = json.loads(probe.stdout)["digest"]
-    commit = os.environ.get("GITHUB_SHA") or c.run("git rev-parse HEAD", hide=True).stdout.strip()
-    repo = repo or os.environ.get("GITHUB_REPOSITORY", "OWNER/NAME")
-    notes = ci.release_notes(refs, digests, version, commit, repo)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(notes)
-    print(notes)
-    if publish:
-        prerelease = " --prerelease" if "-" in version else ""
-        c.run(f"gh release create {tag} --verify-tag --generate-notes --notes-file {out}{prerelease}", echo=True)
+    orchestrate.release_notes(c, registry, tag, repo, out, publish)
 
 
 @task(

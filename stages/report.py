@@ -35,7 +35,7 @@ SPEC = specs.spec(names.REPORT)
 
 BENCH_TOOL = "llama-bench"
 # llama-bench's test: prompt and generated tokens, repetitions. Past 1 B parameters a quarter of it,
-# once: one f16 repetition of the full test takes about a minute on 2 cores at 7 B.
+# once, so that timing a large model on a CPU host does not outlast scoring it (docs/quality.md).
 BENCH = {"small": (128, 32, 3), "large": (32, 8, 1)}
 LARGE = 1_000_000_000
 # Past LARGE the f16 file is not benchmarked: it is not what ships, and at 7 B it fills a 16 GB

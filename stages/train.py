@@ -1,10 +1,10 @@
 """Train stage: QLoRA fine-tuning of a causal LM with trl's SFTTrainer, peft and bitsandbytes.
 
-    python -m stages.train --config runs/demo/config.yaml                    # local
-    docker compose run --rm train --config runs/demo/config.yaml             # container, GPU
-    docker compose run --rm train-cpu --config runs/demo/config.yaml         # container, CPU
-    python -m stages.train --config C --set training.gpus=2                   # DDP, relaunched under torchrun
-    invoke stage train --gpus 2 --nodes 2 --node-rank 0 --main-address HOST --config C   # multi-node
+    python -m stages.train --config runs/demo/config.yaml                                    # local
+    docker compose run --rm train python -m stages.train --config runs/demo/config.yaml      # container, GPU
+    docker compose run --rm train-cpu python -m stages.train --config runs/demo/config.yaml  # container, CPU
+    python -m stages.train --config C --set training.gpus=2             # DDP, relaunched under torchrun
+    invoke stage train --gpus 2 --nodes 2 --node-rank 0 --main-address HOST --config C     # multi-node
 
 Reads the base model (model.*) and the rows (data.*), loads the base in 4-bit NF4 with double
 quantization (quantization.*), adds LoRA adapters (lora.*) and trains them (training.*). The
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 
 from stages.common import fsdp, gpu_fit, heldout, launch, monitoring, names, specs
 from stages.common.artifacts import check_free_disk, sha256_file, stage_output, write_json_atomic
+from stages.common.checkpoints import latest_checkpoint
 from stages.common.cli import StageContext, context, stage_parser
 from stages.common.config import PipelineConfig
 from stages.common.data import check_report, drop_too_long, train_and_held_out, train_files
@@ -43,9 +43,6 @@ GPU_FIX = (
 )
 
 SPEC = specs.spec(names.TRAIN)
-
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-CONFIG_STAMP = "config.sha256"
 
 
 # --- Setup ---------------------------------------------------------------------------------
@@ -267,7 +264,7 @@ def build_trainer(
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # peft reloads adapter weights in float32, while trl trains QLoRA adapters in bf16: without
             # this cast a resumed run would continue in another dtype and drift from the uninterrupted
-            # one (tests/test_train.py measured 2.6% on the final adapter before this fix).
+            # one (tests/test_train.py compares the two).
             target = model or self.model
             dtypes = {n: p.dtype for n, p in target.named_parameters() if p.requires_grad}
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -299,54 +296,6 @@ def build_trainer(
 
         fused_lora.apply(trainer.model)
     return trainer
-
-
-# --- Checkpoints -----------------------------------------------------------------------------
-
-
-def _checkpoint_ok(path: Path) -> str | None:
-    """Why a checkpoint cannot be resumed (torn or partial), or None when it is complete."""
-    from safetensors import safe_open
-
-    for name in CHECKPOINT_FILES:
-        f = path / name
-        if not f.is_file() or f.stat().st_size == 0:
-            return f"{name} missing or empty"
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-        with safe_open(str(path / "adapter_model.safetensors"), "pt") as fh:
-            list(fh.keys())
-    except Exception as exc:  # any parse failure means a torn write
-        return f"unreadable ({type(exc).__name__})"
-    if not list(path.glob("rng_state*.pth")):
-        return "RNG state missing"
-    return None
-
-
-def latest_checkpoint(ckpt_dir: Path, digest: str, manage: bool = True) -> Path | None:
-    """The newest complete checkpoint of this exact training config; torn ones are skipped. Only the
-    process that `manage`s the folder (global rank 0) clears another config's checkpoints and stamps it;
-    the others find None there, as rank 0 will once it has cleared it."""
-    stamp = ckpt_dir / CONFIG_STAMP
-    if not manage:
-        stamped = stamp.is_file() and stamp.read_text().strip() == digest
-        return _newest_complete(ckpt_dir) if stamped else None
-    if ckpt_dir.is_dir() and (not stamp.is_file() or stamp.read_text().strip() != digest):
-        console.print("checkpoints belong to another training config; starting afresh")
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(digest + "\n")
-    return _newest_complete(ckpt_dir)
-
-
-def _newest_complete(ckpt_dir: Path) -> Path | None:
-    found = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
-        why = _checkpoint_ok(path)
-        if why is None:
-            return path
-        console.print(f"[yellow]skipping torn checkpoint {path.name}[/yellow]: {why}")
-    return None
 
 
 # --- The stage -------------------------------------------------------------------------------

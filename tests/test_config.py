@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.common.config import EvalConfig, ReportConfig, load_config, parse_overrides
+from stages.common.config import EvalConfig, ReportConfig, load_config
+from stages.common.config_tree import parse_overrides
 from stages.common.errors import StageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

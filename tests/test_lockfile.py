@@ -89,3 +89,16 @@ def test_pins_round_trip_and_local_labels_name_no_release(tmp_path):
 def test_uv_settings_from_the_environment_do_not_shape_the_lock():
     env = lockfile.uv_env({"UV_INDEX_URL": "file:///opt/x", "UV_CONSTRAINT": "c.txt", "UV_NATIVE_TLS": "1", "A": "b"})
     assert env == {"UV_NATIVE_TLS": "1", "A": "b"}
+
+
+def test_summary_names_each_moved_pin_and_the_holds():
+    current = {"torch": ("torch", "2.5.0"), "rich": ("rich", "13.0")}
+    pins = {"torch": ("torch", "2.5.0"), "rich": ("rich", "14.0"), "uv": ("uv", "0.5")}
+    request = lockfile.LockRequest([], [], ["torch==2.5.0"])
+    text = lockfile.summary(lockfile.CONSTRAINTS, current, pins, request)
+    assert text.splitlines() == [
+        f"{lockfile.CONSTRAINTS}: 3 pins, 2 changed",
+        "  rich: 13.0 -> 14.0",
+        "  uv: - -> 0.5",
+        "held: torch==2.5.0 (HOLD in stages/common/lockfile.py says why)",
+    ]

@@ -8,6 +8,7 @@ reads from outside the run.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -50,6 +51,18 @@ def test_compose_services_run_the_images():
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     images = {svc["image"] for svc in compose["services"].values()}
     assert images == {f"{names.PROJECT}-{key}" for key in specs.IMAGES}
+
+
+def test_each_stage_docstring_shows_its_local_and_container_commands():
+    """The usage lines open the stage file; the container one names the compose service it runs in."""
+    from stages.common.containers import service_for
+
+    for spec in specs.STAGES:
+        usage = ast.get_docstring(ast.parse((ROOT / "stages" / f"{spec.name}.py").read_text()))
+        run = f"python -m stages.{spec.name} --config "
+        assert re.search(rf"^    {re.escape(run)}", usage, re.M), f"{spec.name}: no local command"
+        container = f"    docker compose run --rm {service_for(spec).name} {run}"
+        assert container in usage, f"{spec.name}: no `{container.strip()}...` line"
 
 
 def test_unknown_stage_names_the_stages():

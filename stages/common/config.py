@@ -7,7 +7,6 @@ combinations (fp16 compute with 4-bit training, say) are errors that give the re
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -16,18 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.common import names
+from stages.common.config_tree import apply_overrides, describe, nearest
 from stages.common.errors import StageError
 
 DataFormat = Literal["text", "alpaca", "chat"]
 DType = Literal["float16", "bfloat16", "float32"]
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def nearest(value: str, known) -> str:
-    """'; did you mean X?' for the closest of `known`, or '' when none is close."""
-    close = difflib.get_close_matches(value, list(known), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def known_quant_type(value: str) -> str:
@@ -209,10 +203,7 @@ class ReportConfig(Section):
         "tokens are read (at least 2 chunks), so a 7B model reads 1/50 of what a 135M one does.",
     )
     max_kl: dict[str, float] = Field(
-        # Measured on the demo (SmolLM2-135M, held-out text): Q4_K_M 0.032, Q8_0 0.0012, and Q5_K_M 0.28,
-        # which the gate stops: its fallback type for SmolLM2's 576-wide rows, Q5_1, measures 0.66 when
-        # every tensor takes it, against 0.054 for Q5_0 (which holds less), so likely a llama.cpp defect.
-        # The limits leave ~3x (Q4) to ~8x (Q8) room over those measurements.
+        # docs/quality.md gives the demo's measured KL per type these limits leave room over.
         default_factory=lambda: {"Q4_K_M": 0.1, "Q5_K_M": 0.05, "Q8_0": 0.01},
         description="Quality gate: mean KL divergence vs f16 per quant type; above it the pipeline fails.",
     )
@@ -342,52 +333,6 @@ class PipelineConfig(Section):
         return self.smoke.quant_type or self.gguf.quant_types[0]
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Valid field names of the (nested) model that holds the key at `loc`."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _fields_at(PipelineConfig, loc), n=1)
-        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
-        return f"unknown key {key!r}{hint}"
-    if err["type"] == "missing":
-        return f"missing key {key!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg}" if loc else msg
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise StageError(f"--set {dotted}: {part!r} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
-    """``["training.learning_rate=1e-4"]`` -> ``[("training.learning_rate", 0.0001)]`` (YAML-typed)."""
-    parsed = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise StageError(f"--set {item!r} is not KEY=VALUE; write e.g. --set training.learning_rate=1e-4")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
-    return parsed
-
-
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
     """Read `path`, apply overrides, validate. Raises StageError with one line per problem."""
     path = Path(path)
@@ -399,16 +344,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise StageError(f"config {path} is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(tree, dict):
         raise StageError(f"config {path} holds a {type(tree).__name__}, expected a mapping of sections")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
-    return validate_config(tree, source=str(path))
+    return validate_config(apply_overrides(tree, overrides), source=str(path))
 
 
 def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineConfig:
+    """`tree` as a PipelineConfig; StageError naming `source` and every problem on one line."""
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(_describe(e) for e in exc.errors())
+        problems = "; ".join(describe(e, PipelineConfig) for e in exc.errors())
         raise StageError(f"{source}: {problems}") from None
 
 

@@ -14,9 +14,8 @@ safetensors_io), one decoder layer at a time, into that layer's transformers mod
 runs every sequence before the next layer replaces it; the merge stage streams tensors the same
 way. Peak memory is one layer in the compute dtype, the hidden states of all sequences
 (tokens x hidden x 4 bytes) and one batch's activations, not the model: at Mistral-7B's shapes in
-float32, about 0.9 GB of layer, 0.8 GB of output layer, and 16 KB per token. Measured on the 7B
-fixture (benchmarks/widen.py), 4 chunks of 256 tokens, float32: 3.1 GiB peak RSS, 322 s on 2
-shared cores (the whole model in float32 would be 29.5 GB).
+float32, about 0.9 GB of layer, 0.8 GB of output layer, and 16 KB per token (docs/scale-7b.md has
+the measured peaks).
 
 Exactness: the modules are transformers' own (the model class's embedding, decoder layers,
 rotary embedding, final norm, output layer, built on the meta device from config.json and given

@@ -125,3 +125,12 @@ def changes(current: Pins, pins: Pins) -> list[str]:
         for n in set(pins) | set(current)
         if current.get(n, ("", None))[1] != pins.get(n, ("", None))[1]
     )
+
+
+def summary(target: Path, current: Pins, pins: Pins, request: LockRequest) -> str:
+    """What `invoke lock` prints: the pin count, each pin that moved, and the holds."""
+    changed = changes(current, pins)
+    text = f"{target}: {len(pins)} pins, {len(changed)} changed" + "".join(f"\n  {line}" for line in changed)
+    if request.holds:
+        text += f"\nheld: {', '.join(request.holds)} (HOLD in stages/common/lockfile.py says why)"
+    return text

@@ -25,10 +25,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-# Global batches per sorted megabatch: transformers' LengthGroupedSampler uses 50 too, but only on
-# datasets of 200+ batches; it shrinks the megabatch on smaller ones (len // (4 x batch) batches),
-# which pads more (benchmarks' 1,320-row epoch at batch 40: 8-batch megabatches, 16.7% pad tokens
-# against 3.2% here, results/train-throughput-24gb-1gpu-today-*). Batch order is shuffled instead.
+# Global batches per sorted megabatch: transformers' LengthGroupedSampler uses 50 too, but shrinks
+# the megabatch on datasets under 200 batches, which pads more (docs/performance.md has the padding
+# shares, from results/train-throughput-24gb-1gpu-today-*). Batch order is shuffled instead.
 MEGABATCH_MULT = 50
 
 

@@ -24,9 +24,8 @@ peak batch is that long as soon as a few rows are):
   their float32 copy, and the float32 log-softmax kept for backward) or, with Liger's fused linear
   cross-entropy, chunks of an eighth of the tokens.
 
-Checked against every configuration measured on an H200 (tests/test_vram.py lists each point
-with its benchmarks/results file: the reference 30.76 GiB, `24gb` 21.12, `12gb` 7.90, and eight
-more, with and without checkpointing and Liger); docs/gpu-memory.md has the table.
+Checked against every measured configuration: tests/test_vram.py lists each point with its
+benchmarks/results file, and docs/gpu-memory.md has the table.
 
 Not modelled, because not measured: activation offloading (counted as keeping one layer's
 activations), 32-bit optimizers, FSDP's sharding (the base divided by the GPUs), architectures
@@ -45,8 +44,8 @@ from pathlib import Path
 
 GiB = 1 << 30
 ENV_SKIP = "KILN_SKIP_MEMORY_CHECK"  # the same switch as the host-RAM preflight (preflight.py)
-# Held back from the card's free memory: the caching allocator's slack (reserved minus allocated,
-# 0.46-2.09 GiB in the measured profiles) and cuBLAS/NCCL workspaces outside torch's count.
+# Held back from the card's free memory: the caching allocator's slack (reserved minus allocated;
+# docs/gpu-memory.md has the measured range) and cuBLAS/NCCL workspaces outside torch's count.
 HEADROOM = 1 * GiB
 CUDA_CONTEXT = GiB // 2  # what the CUDA context takes when the train stage starts (not yet counted by nvidia-smi)
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # by double_quant
@@ -270,12 +269,10 @@ def usable_bytes(free: int, context_counted: bool) -> int:
 
 def with_overrides(cfg, overrides: list[str]):
     """`cfg` with `--set`-style overrides applied on top (a new, validated PipelineConfig)."""
-    from stages.common.config import _set_dotted, parse_overrides, validate_config
+    from stages.common.config import validate_config
+    from stages.common.config_tree import apply_overrides
 
-    tree = cfg.model_dump(mode="json")
-    for key, value in parse_overrides(overrides):
-        _set_dotted(tree, key, value)
-    return validate_config(tree, source="profile")
+    return validate_config(apply_overrides(cfg.model_dump(mode="json"), overrides), source="profile")
 
 
 def candidates(cfg) -> list[tuple[str | None, object]]:
