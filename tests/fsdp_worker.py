@@ -1,6 +1,6 @@
 """One rank of tests/test_fsdp.py (run under torchrun, gloo, CPU): FSDP2 over a pre-quantized NF4 base
 with LoRA, as the train stage's FSDP path sets it up (stages/common/fsdp.py), three optimizer steps;
-prints one JSON line per rank."""
+writes rank<N>.json beside the base folder (two ranks printing to one pipe can interleave)."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def main(base: Path) -> None:
         "losses": losses,
         "adapter": {k: list(v.shape) for k, v in adapter.items()},
     }
-    print(json.dumps(report), flush=True)
+    (base.parent / f"rank{report['rank']}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 

@@ -422,6 +422,9 @@ def test_demo_cpu_stages_as_a_uid_without_an_account(docker_demo, tmp_path, monk
     shutil.copy2(src.manifest(names.TRAIN), dest.manifest(names.TRAIN))
     for folder in (names.CACHE_DIR, names.DATA_DIR):
         (project / folder).mkdir(exist_ok=True)
+    for data in [*cfg.data.train_files, *cfg.data.eval_files]:  # convert's conversion check reads held-out text
+        (project / data).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / data, project / data)
     for path in [project, *project.rglob("*")]:
         os.chown(path, uid, uid)
     monkeypatch.chdir(project)
