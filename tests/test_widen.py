@@ -22,12 +22,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from stages.common.errors import StageError
+from stages.common.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2 = ROOT / "cache" / "models" / "SmolLM2-135M-Instruct"
@@ -253,6 +255,21 @@ def small_fixture(smollm2, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_adapter(smollm2, tmp_path_factory) -> Path:
+    """The demo run's adapter: the project's own when trained, else trained here by the real prepare
+    and train stages on configs/demo.yaml (a few minutes on 2 cores), as in a fresh CI clone."""
+    if (DEMO_ADAPTER / "adapter_model.safetensors").is_file():
+        return DEMO_ADAPTER
+    run_dir = tmp_path_factory.mktemp("demo-run")
+    for stage in ("prepare", "train"):
+        cmd = [sys.executable, "-m", f"stages.{stage}", "--config", "configs/demo.yaml", "--run-dir", str(run_dir)]
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    adapter = RunLayout(run_dir, "demo").adapter
+    assert (adapter / "adapter_model.safetensors").is_file(), sorted(p.name for p in run_dir.iterdir())
+    return adapter
+
+
 def _assert_agrees(got: dict, what: str) -> None:
     print(what, json.dumps(got))
     assert got["positions"] >= 1000
@@ -270,13 +287,11 @@ def test_small_fixture_agrees_with_smollm2(smollm2, held_out, small_fixture):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("which", ["random", "demo"])
-def test_padded_adapter_merged_agrees(which, smollm2, held_out, small_fixture, tmp_path):
+def test_padded_adapter_merged_agrees(which, smollm2, held_out, small_fixture, tmp_path, request):
     if which == "random":
         adapter = random_adapter(smollm2, tmp_path / "adapter")
     else:
-        if not (DEMO_ADAPTER / "adapter_model.safetensors").is_file():
-            pytest.skip(f"no demo adapter at {DEMO_ADAPTER}; `invoke pipeline` trains it")
-        adapter = DEMO_ADAPTER
+        adapter = request.getfixturevalue("demo_adapter")
     padded = tmp_path / "padded"
     widen.widen_adapter(adapter, padded, smollm2, "small")
     check.merge(smollm2, adapter, tmp_path / "merged")
