@@ -14,15 +14,30 @@ reclaim, unlike the page cache of mmapped model files). Containers' processes ar
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 STAGE = re.compile(r"-m (stages\.\w+)")
+
+
+def stamp(when: datetime | None = None) -> str:
+    """The UTC time stamp that results' file names end with."""
+    return (when or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_result(folder: Path, stem: str, result: dict, when: str | None = None) -> Path:
+    """`result` as `folder/<stem>-<stamp>.json`, the form every file in benchmarks/results takes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{stem}-{when or stamp()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
 
 
 def hardware() -> dict:

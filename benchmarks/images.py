@@ -14,17 +14,17 @@ Writes benchmarks/results/images-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from host import stamp, write_result  # noqa: E402
 
 from stages.common import docker_build as b  # noqa: E402
 from stages.common import docker_runtime as d  # noqa: E402
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = d.image_meta(d.IMAGES[image])
         r |= {"size_bytes": meta["Size"], "size_gb": round(meta["Size"] / 1e9, 2), "image_id": meta["Id"]}
         print(f"{image}: {r}", flush=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    measured_at = stamp()
     report = {
         "images": results,
         "seconds": "wall-clock seconds of `docker build` (BuildKit) through docker_build.build_image",
@@ -81,12 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         "docker_client": args.client,
         "engine": engine_version(),
         "command": "python benchmarks/images.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-        "measured_at": stamp,
+        "measured_at": measured_at,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"images-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(path)
+    print(write_result(args.out, "images", report, measured_at))
     return 0
 
 

@@ -14,7 +14,6 @@ Q5_K_M and Q8_0. Needs the demo run's adapter (`invoke pipeline` on configs/demo
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from host import hardware  # noqa: E402
+from host import hardware, write_result  # noqa: E402
 from widen import widen_adapter, widen_model  # noqa: E402
 
 from stages.common.artifacts import package_versions  # noqa: E402
@@ -106,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": hardware(),
         "versions": package_versions(),
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"quant-exact-match-{args.shape}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(out)
+    print(write_result(args.results, f"quant-exact-match-{args.shape}", result))
     return 0
 
 

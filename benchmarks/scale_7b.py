@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from host import DiskWatch, ProcessWatch, hardware  # noqa: E402
+from host import DiskWatch, ProcessWatch, hardware, stamp, write_result  # noqa: E402
 from widen import is_current, widen_adapter, widen_model  # noqa: E402
 
 from stages.common import names, specs  # noqa: E402
@@ -176,11 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "quality": quality(run_dir),
         "targets": TARGETS,
     }
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
     tag = f"{args.runtime}{'-' + args.memory if args.memory else ''}{'-set' if args.overrides else ''}"
-    out = args.results / f"scale-7b-{tag}-{stamp}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_result(args.results, f"scale-7b-{tag}", result, stamp(started))
     if not args.keep_run:
         shutil.rmtree(run_dir, ignore_errors=True)
     print(f"{out}: exit {proc.returncode}, {wall / 60:.1f} min, peak disk {result['peak_disk_bytes'] / 1e9:.1f} GB")
